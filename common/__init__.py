@@ -1,0 +1,1 @@
+"""Shared plumbing for the paper scripts: models, sampling, rewards, tasks, data, logging, tools."""

@@ -1,0 +1,133 @@
+"""Supervised fine-tuning plumbing: chat conversations to token ids with per-message loss masks, and
+a small training loop. The papers' own losses (TL-Training's key-token weights, Agent-R's masks) are
+computed in their scripts and passed in; this module only tokenizes, batches and steps.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ChatTokens:
+    """One rendered conversation: token ids, each token's character span in `text`, and the loss mask."""
+
+    text: str
+    input_ids: list[int]
+    offsets: list[tuple[int, int]]
+    message_spans: list[tuple[int, int]]  # character span of each message's trained part in `text`
+    labels: list[int]  # input_ids where trained, IGNORE_INDEX elsewhere
+
+
+def render_chat(tokenizer, messages, tools=None, add_generation_prompt=False) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def tokenize_chat(tokenizer, messages: Sequence[dict], trained: Sequence[bool], tools=None) -> ChatTokens:
+    """Render `messages` with the tokenizer's chat template and label the tokens of trained messages.
+
+    `trained[i]` says whether message i is a training target. A trained assistant message contributes
+    its content (tool calls included) and its end-of-turn token, not the role header, as in TRL's
+    assistant-only loss. Spans are found by character offsets, so this works for any tokenizer.
+    """
+    if len(trained) != len(messages):
+        raise ValueError(f"`trained` has {len(trained)} flags for {len(messages)} messages")
+    text = render_chat(tokenizer, messages, tools)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            spans.append((0, 0))
+            continue
+        head = render_chat(tokenizer, messages[:i], tools, add_generation_prompt=True) if i else ""
+        upto = render_chat(tokenizer, messages[: i + 1], tools)
+        if not text.startswith(upto) or not upto.startswith(head):
+            raise ValueError(f"the chat template does not render message {i} as a prefix of the conversation")
+        spans.append((len(head), len(upto.rstrip("\n"))))
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoding["input_ids"], [tuple(o) for o in encoding["offset_mapping"]]
+    labels = [IGNORE_INDEX] * len(ids)
+    for (start, end), is_trained in zip(spans, trained):
+        if not is_trained or start == end:
+            continue
+        for j, (a, b) in enumerate(offsets):
+            if start <= a and b <= end and b > a:
+                labels[j] = ids[j]
+    return ChatTokens(text, ids, offsets, spans, labels)
+
+
+def pad_right(rows: Sequence[Sequence], value) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows])
+
+
+def token_mean_cross_entropy(logits, labels, weights=None) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled tokens (the usual SFT loss)."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    ce = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
+    mask = (shift_labels != IGNORE_INDEX).float()
+    return (ce * mask).sum() / mask.sum().clamp(min=1)
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def sft_train(
+    model,
+    examples: Sequence[dict],
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    warmup_steps: int = 20,
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,
+    loss_fn: LossFn = token_mean_cross_entropy,
+    seed: int = 0,
+    callback: Callable[[int, float], bool] | None = None,
+    progress: bool = True,
+) -> list[float]:
+    """Train `model` on `examples` for `steps` optimizer steps; returns the per-step losses.
+
+    Each example is a dict with `input_ids`, `labels` and optionally `weights` (a per-token weight
+    list, aligned with `input_ids`). Batches are sampled with replacement from a seeded generator.
+    `callback(step, loss)` runs after every step; returning True stops training early.
+    """
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+    rng = random.Random(seed)
+    pad_id = 0
+    losses = []
+    model.train()
+    for step in tqdm(range(steps), desc="sft", disable=not progress, leave=False):
+        batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
+        input_ids = pad_right([e["input_ids"] for e in batch], pad_id).to(device)
+        labels = pad_right([e["labels"] for e in batch], IGNORE_INDEX).to(device)
+        attention_mask = pad_right([[1] * len(e["input_ids"]) for e in batch], 0).to(device)
+        weights = None
+        if "weights" in batch[0]:
+            weights = pad_right([e["weights"] for e in batch], 0.0).float().to(device)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        loss = loss_fn(logits, labels, weights)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"SFT loss is {loss.item()} at step {step}; lower the learning rate ({lr})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if callback is not None and callback(step, loss.item()):
+            break
+    model.eval()
+    return losses

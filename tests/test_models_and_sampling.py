@@ -1,0 +1,145 @@
+"""The tiny model and tokenizer round-trip through disk; sampling returns masks and log-probs as data."""
+
+import json
+
+import pytest
+import torch
+
+from common.models import load_policy, load_tokenizer, load_value_model, ModelNotFoundError
+from common.sampling import HFSampler, collate, cut_response, response_logprobs, top_p_filter
+from common.tools import parse_tool_calls
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def test_tiny_model_round_trips_by_path(tiny_model_dir, tmp_path):
+    model, tokenizer = load_policy(str(tiny_model_dir))
+    assert model.config.model_type == "qwen2"
+    text = "Compute 12+34. ünïcode 中文 <tool_call>\n{}\n</tool_call><|im_end|>"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == text
+    model.save_pretrained(tmp_path / "copy")
+    tokenizer.save_pretrained(tmp_path / "copy")
+    again, tokenizer2 = load_policy(str(tmp_path / "copy"))
+    assert tokenizer2.encode(text, add_special_tokens=False) == ids
+    x = torch.tensor([ids])
+    assert torch.equal(model(x).logits, again(x).logits)
+
+
+def test_chat_template_renders_tools_and_tool_calls_that_parse_back(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    call = {"name": "get_weather", "arguments": {"city": "Paris"}}
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]},
+                {"role": "tool", "content": "sunny"}]
+    text = tokenizer.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    assert "# Tools" in text and json.dumps(TOOLS[0]) in text
+    assert "<tool_response>\nsunny\n</tool_response>" in text and text.endswith("<|im_start|>assistant\n")
+    assistant_turn = text.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
+    assert parse_tool_calls(assistant_turn) == [call]
+    # the tool-call tags are single tokens, as in Qwen2.5
+    assert len(tokenizer.encode("<tool_call>", add_special_tokens=False)) == 1
+
+
+def test_missing_model_error_names_what_was_tried():
+    with pytest.raises(ModelNotFoundError) as info:
+        load_policy("/no/such/dir-or-hub-id")
+    message = str(info.value)
+    assert "local directory" in message and "Hub" in message and "pass its path" in message
+
+
+def test_value_model_has_a_scalar_head_and_round_trips(tiny_model_dir, tmp_path):
+    critic = load_value_model(str(tiny_model_dir))
+    x = torch.tensor([[1, 2, 3, 4]])
+    values = critic(input_ids=x).logits
+    assert values.shape == (1, 4, 1)
+    critic.save_pretrained(tmp_path / "critic")
+    again = load_value_model(str(tmp_path / "critic"))
+    assert torch.allclose(again(input_ids=x).logits, values)
+
+
+def test_sampler_logprobs_match_a_plain_forward_pass(tiny_model_dir):
+    model, tokenizer = load_policy(str(tiny_model_dir))
+    sampler = HFSampler(model, tokenizer, batch_size=5)  # several chunks, ragged prompts
+    prompts = [[{"role": "user", "content": "Compute 1+2."}], [{"role": "user", "content": "A much longer prompt here."}],
+               "raw text prompt", [3, 4, 5]]
+    for temperature in (1.0, 0.7):
+        samples = sampler.generate(prompts, n=3, max_new_tokens=12, temperature=temperature, seed=0)
+        assert [s.prompt_index for s in samples] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+        batch = collate(samples, tokenizer.pad_token_id)
+        ours = response_logprobs(model, batch, temperature)
+        for i, s in enumerate(samples):
+            assert torch.allclose(ours[i, : len(s.logprobs)], torch.tensor(s.logprobs), atol=1e-4)
+        # and a plain, unbatched forward pass over prompt + response agrees
+        s = samples[4]
+        logits = model(torch.tensor([s.prompt_ids + s.response_ids])).logits[0, len(s.prompt_ids) - 1 : -1] / temperature
+        plain = logits.log_softmax(-1).gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1)
+        assert torch.allclose(ours[4, : len(s.response_ids)], plain, atol=1e-4)
+
+
+def test_same_seed_same_samples(tiny_model_dir):
+    model, tokenizer = load_policy(str(tiny_model_dir))
+    sampler = HFSampler(model, tokenizer)
+    a = sampler.generate(["hello"], n=4, max_new_tokens=8, seed=3)
+    b = sampler.generate(["hello"], n=4, max_new_tokens=8, seed=3)
+    assert [s.response_ids for s in a] == [s.response_ids for s in b]
+
+
+def test_response_mask_is_data_when_pad_equals_eos(tiny_model_dir):
+    model, tokenizer = load_policy(str(tiny_model_dir))
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    tokenizer.pad_token = "<|im_end|>"  # Qwen base models pad with their EOS
+    # make EOS likely (about 1 in 10 tokens) so that some samples stop and some hit the length limit
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[eos] = 4.0
+    model.lm_head = head
+    samples = HFSampler(model, tokenizer).generate(["x"] * 24, n=1, max_new_tokens=6, seed=0)
+    reasons = {s.finish_reason for s in samples}
+    assert reasons == {"stop", "length"}
+    for s in samples:
+        if s.finish_reason == "stop":
+            assert s.response_ids[-1] == eos and eos not in s.response_ids[:-1]
+        else:
+            assert len(s.response_ids) == 6 and eos not in s.response_ids
+    batch = collate(samples, tokenizer.pad_token_id)
+    width = batch.response_mask.shape[1]
+    for i, s in enumerate(samples):  # the EOS itself is a trained token; the padding (also EOS) is not
+        assert batch.response_mask[i].tolist() == [1.0] * len(s.response_ids) + [0.0] * (width - len(s.response_ids))
+
+
+def test_cut_response_rules(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids = tokenizer.encode("abc", add_special_tokens=False)
+    # stops at the first end token; what follows is padding, even when it is the same id
+    assert cut_response(ids + [eos, eos, eos], [eos], [], tokenizer) == (ids + [eos], "stop")
+    assert cut_response(ids, [eos], [], tokenizer) == (ids, "length")
+    text_ids = tokenizer.encode("x = 1\nObservation: y", add_special_tokens=False)
+    cut, reason = cut_response(text_ids, [eos], ["Observation:"], tokenizer)
+    assert reason == "stop" and tokenizer.decode(cut).endswith("Observation:")
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    probs = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, 0.03
+    kept = torch.isfinite(top_p_filter(logits, 0.7))[0].tolist()
+    assert kept == [True, True, False, False] and probs[0] < 0.7 < probs[:2].sum()
+    assert torch.isfinite(top_p_filter(logits, 0.5))[0].tolist() == [True, False, False, False]
+
+
+def test_vllm_backend_without_vllm_is_a_clear_error(tiny_model_dir):
+    pytest.importorskip("torch")
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
+        pytest.skip("vLLM and a GPU are present")
+    from common.sampling import VLLMSampler
+
+    with pytest.raises(RuntimeError, match="requirements-gpu.txt|CUDA GPU"):
+        VLLMSampler(str(tiny_model_dir), load_tokenizer(str(tiny_model_dir)))

@@ -1,0 +1,193 @@
+"""VAPO's math against slow reference loops written here, and on hand-computed examples."""
+
+import math
+
+import pytest
+import torch
+
+from vapo import (aggregate, clipped_policy_loss, explained_variance, gae, length_adaptive_lambda,
+                  positive_nll_loss, value_loss, whiten)
+
+
+def reference_gae(rewards, values, mask, gamma, lams):
+    """Textbook GAE, one sequence at a time over its real tokens only."""
+    out = torch.zeros_like(values, dtype=torch.float64)
+    for i in range(rewards.shape[0]):
+        positions = [t for t in range(rewards.shape[1]) if mask[i, t] > 0]
+        lam = float(lams[i])
+        for k, t in enumerate(positions):
+            total = 0.0
+            for j, u in enumerate(positions[k:]):
+                next_value = float(values[i, positions[k + j + 1]]) if k + j + 1 < len(positions) else 0.0
+                delta = float(rewards[i, u]) + gamma * next_value - float(values[i, u])
+                total += (gamma * lam) ** j * delta
+            out[i, t] = total
+    return out
+
+
+def random_batch(seed, B=5, T=9):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None] < lengths[:, None]).float()
+    rewards = torch.randn(B, T, generator=g) * mask
+    values = torch.randn(B, T, generator=g)
+    return rewards, values, mask, lengths
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.0), (1.0, 1.0), (0.99, 0.5)])
+def test_gae_matches_slow_loop_with_scalar_lambda(seed, gamma, lam):
+    rewards, values, mask, _ = random_batch(seed)
+    expected = reference_gae(rewards, values, mask, gamma, [lam] * len(rewards))
+    assert torch.allclose(gae(rewards, values, mask, gamma, lam).double(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gae_matches_slow_loop_with_per_sequence_lambda(seed):
+    rewards, values, mask, lengths = random_batch(seed)
+    lams = torch.rand(len(rewards), generator=torch.Generator().manual_seed(seed + 100))
+    expected = reference_gae(rewards, values, mask, 1.0, lams)
+    assert torch.allclose(gae(rewards, values, mask, 1.0, lams).double(), expected, atol=1e-5)
+
+
+def test_gae_with_holes_in_the_mask_skips_them():
+    """A mask with a gap (e.g. a tool response inside a turn) is skipped, not treated as an episode end."""
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.1, 9.0, 0.3, 0.4]])
+    mask = torch.tensor([[1.0, 0.0, 1.0, 1.0]])
+    expected = reference_gae(rewards, values, mask, 1.0, [0.5])
+    assert torch.allclose(gae(rewards, values, mask, 1.0, 0.5).double(), expected, atol=1e-6)
+
+
+def test_gae_lambda_one_gamma_one_is_monte_carlo_return_minus_value():
+    rewards, values, mask, lengths = random_batch(7)
+    returns_to_go = torch.flip(torch.cumsum(torch.flip(rewards, [1]), 1), [1])
+    assert torch.allclose(gae(rewards, values, mask, 1.0, 1.0), (returns_to_go - values) * mask, atol=1e-5)
+
+
+def test_gae_lambda_zero_is_one_step_td_error():
+    rewards, values, mask, lengths = random_batch(3)
+    next_values = torch.cat([values[:, 1:], torch.zeros(len(values), 1)], 1) * torch.cat([mask[:, 1:], torch.zeros(len(values), 1)], 1)
+    assert torch.allclose(gae(rewards, values, mask, 1.0, 0.0), (rewards + next_values - values) * mask, atol=1e-6)
+
+
+def test_values_at_masked_positions_change_nothing():
+    rewards, values, mask, _ = random_batch(11)
+    noisy = values + (1 - mask) * torch.randn_like(values) * 100
+    assert torch.equal(gae(rewards, values, mask, 1.0, 0.9), gae(rewards, noisy, mask, 1.0, 0.9))
+
+
+def test_gae_hand_example():
+    # one sequence, three tokens, reward 1 at the end, V = (0.5, 0.6, 0.7), γ = 1, λ = 0.5
+    # δ = (0 + 0.6 - 0.5, 0 + 0.7 - 0.6, 1 - 0.7) = (0.1, 0.1, 0.3)
+    # A_2 = 0.3, A_1 = 0.1 + 0.5·0.3 = 0.25, A_0 = 0.1 + 0.5·0.25 = 0.225
+    out = gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.6, 0.7]]), torch.ones(1, 3), 1.0, 0.5)
+    assert torch.allclose(out, torch.tensor([[0.225, 0.25, 0.3]]))
+
+
+def test_critic_target_with_lambda_one_is_the_final_reward_everywhere():
+    """γ = λ = 1 and a reward only at the end: every token's target is the outcome (VAPO §4.1)."""
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, -1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    values = torch.randn(2, 4)
+    returns = (gae(rewards, values, mask, 1.0, 1.0) + values) * mask
+    assert torch.allclose(returns, torch.tensor([[1.0, 1.0, 1.0, 0.0], [-1.0, -1.0, 0.0, 0.0]]), atol=1e-6)
+
+
+def test_length_adaptive_lambda_hand_values_and_clamping():
+    lam = length_adaptive_lambda(torch.tensor([10, 20, 40, 100, 1000, 20000]), alpha=0.05)
+    # 1 - 1/(0.05 l): l=10 -> -1 -> 0; l=20 -> 0; l=40 -> 0.5; l=100 -> 0.8; l=1000 -> 0.98; l=20000 -> 0.999
+    assert torch.allclose(lam, torch.tensor([0.0, 0.0, 0.5, 0.8, 0.98, 0.999]), atol=1e-6)
+    assert length_adaptive_lambda(torch.tensor([5]), alpha=10.0).item() == pytest.approx(0.98)
+    # the effective horizon 1/(1-λ) is α·l
+    assert 1 / (1 - length_adaptive_lambda(torch.tensor([400]), 0.05).item()) == pytest.approx(20, rel=1e-4)
+
+
+def test_token_mean_and_sample_mean_hand_values():
+    per_token = torch.tensor([[1.0, 1.0, 0.0, 0.0], [3.0, 3.0, 3.0, 3.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    # token-level: (1+1+3·4)/6 = 14/6; sample-level: (1 + 3)/2 = 2
+    assert aggregate(per_token, mask, True, 6, 2).item() == pytest.approx(14 / 6)
+    assert aggregate(per_token, mask, False, 6, 2).item() == pytest.approx(2.0)
+
+
+def test_token_mean_weights_long_samples_more_than_sample_mean():
+    """The short sample's tokens weigh 1/2 each under the sample mean, 1/6 under the token mean."""
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0, 0.0], [1.0] * 6])
+    token_grad = torch.autograd.functional.jacobian(lambda x: aggregate(x, mask, True, 8, 2), torch.zeros(2, 6))
+    sample_grad = torch.autograd.functional.jacobian(lambda x: aggregate(x, mask, False, 8, 2), torch.zeros(2, 6))
+    assert token_grad[0, 0] == pytest.approx(1 / 8) and token_grad[1, 0] == pytest.approx(1 / 8)
+    assert sample_grad[0, 0] == pytest.approx(1 / 4) and sample_grad[1, 0] == pytest.approx(1 / 12)
+
+
+@pytest.mark.parametrize("token_level", [True, False])
+def test_micro_batches_give_the_gradient_of_one_batch(token_level):
+    torch.manual_seed(0)
+    weights = torch.randn(6, 5, requires_grad=True)
+    mask = (torch.arange(5)[None] < torch.tensor([1, 5, 2, 4, 3, 5])[:, None]).float()
+    n_tokens, n_samples = mask.sum().item(), 6
+    aggregate(weights ** 2, mask, token_level, n_tokens, n_samples).backward()
+    whole = weights.grad.clone()
+    weights.grad = None
+    for rows in ([0, 1], [2, 3, 4], [5]):
+        aggregate(weights[rows] ** 2, mask[rows], token_level, n_tokens, n_samples).backward()
+    assert torch.allclose(weights.grad, whole, atol=1e-7)
+
+
+def test_clip_higher_is_asymmetric_by_advantage_sign():
+    ratios = torch.tensor([[0.5, 0.9, 1.0, 1.25, 1.5]])
+    logp, old = ratios.log(), torch.zeros_like(ratios)
+    positive, high, low = clipped_policy_loss(logp, old, torch.ones_like(ratios), 0.2, 0.28)
+    # A > 0: the gain is capped at ratio 1.28; small ratios are not clipped (min picks r·A)
+    assert torch.allclose(positive, -torch.tensor([[0.5, 0.9, 1.0, 1.25, 1.28]]))
+    assert high.tolist() == [[False, False, False, False, True]] and not low.any()
+    negative, high, low = clipped_policy_loss(logp, old, -torch.ones_like(ratios), 0.2, 0.28)
+    # A < 0: the ratio is floored at 0.8; large ratios are not clipped
+    assert torch.allclose(negative, torch.tensor([[0.8, 0.9, 1.0, 1.25, 1.5]]))
+    assert low.tolist() == [[True, False, False, False, False]] and not high.any()
+
+
+def test_clip_is_inactive_at_ratio_one_and_gradient_is_minus_advantage():
+    advantages = torch.tensor([[0.3, -2.0, 1.5]])
+    logp = torch.zeros(1, 3, requires_grad=True)
+    loss, high, low = clipped_policy_loss(logp, torch.zeros(1, 3), advantages, 0.2, 0.28)
+    loss.sum().backward()
+    assert torch.allclose(logp.grad, -advantages) and not high.any() and not low.any()
+
+
+def test_clipped_tokens_have_no_gradient():
+    logp = torch.tensor([[math.log(1.5), math.log(0.5)]], requires_grad=True)
+    loss, *_ = clipped_policy_loss(logp, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), 0.2, 0.28)
+    loss.sum().backward()
+    assert torch.equal(logp.grad, torch.zeros(1, 2))
+
+
+def test_nll_only_on_correct_samples_token_mean():
+    logprobs = torch.tensor([[-1.0, -2.0, 0.0], [-4.0, -4.0, -4.0], [-3.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    correct = torch.tensor([True, False, True])
+    # correct tokens: -1, -2, -3 -> loss = 6 / 3
+    assert positive_nll_loss(logprobs, mask, correct, 3.0).item() == pytest.approx(2.0)
+    none = positive_nll_loss(logprobs, mask, torch.zeros(3, dtype=torch.bool), 0.0)
+    assert none.item() == 0.0
+
+
+def test_value_loss_hand_example_with_clip():
+    values, old, returns, mask = (torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0]]),
+                                  torch.tensor([[1.0, 1.0]]), torch.ones(1, 2))
+    # token 0: unclipped (2-1)^2 = 1, clipped V = 0.5 -> (0.5-1)^2 = 0.25, max = 1; token 1: (0-1)^2 = 1
+    assert value_loss(values, old, returns, mask, 0.5, 2.0).item() == pytest.approx(0.5 * (1 + 1) / 2)
+    values = torch.tensor([[0.9, 0.0]])  # clipped to 0.5: max((0.1)^2, (0.5)^2) = 0.25
+    assert value_loss(values, old, returns, mask, 0.5, 2.0).item() == pytest.approx(0.5 * (0.25 + 1) / 2)
+
+
+def test_whiten_and_explained_variance():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    w = whiten(x, mask)
+    assert w[0, :3].mean().item() == pytest.approx(0.0, abs=1e-6) and w[0, 3].item() == 0.0
+    returns = torch.tensor([[1.0, -1.0, 1.0, 5.0]])
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    # a constant prediction explains nothing, whatever the constant
+    assert explained_variance(torch.zeros(1, 4), returns, mask) == pytest.approx(0.0, abs=1e-6)
+    assert explained_variance(torch.full((1, 4), 0.7), returns, mask) == pytest.approx(0.0, abs=1e-6)

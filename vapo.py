@@ -1,0 +1,632 @@
+"""VAPO: value-based PPO for long chain-of-thought reasoning.
+
+Paper: "VAPO: Efficient and Reliable Reinforcement Learning for Advanced Reasoning Tasks" (ByteDance
+Seed, arXiv 2504.05118). PPO with a critic, plus seven techniques against three problems (§3-§4):
+
+    value-model bias          (1) value pretraining          --value-pretrain-steps
+                              (2) decoupled GAE              --decoupled-gae / --lam-critic
+    heterogeneous lengths     (3) length-adaptive GAE        --length-adaptive-gae / --alpha
+                              (4) token-level loss           --token-level-loss
+    sparse reward             (5) clip-higher                --clip-low / --clip-high
+                              (6) positive-example NLL loss  --nll-coef
+                              (7) group sampling             --prompts-per-step / --samples-per-prompt
+
+`--preset vanilla-ppo` turns all seven off (the paper's baseline, §5.1).
+
+    python vapo.py                                   # CPU: tiny warm-started model, synthetic arithmetic
+    python vapo.py --preset vanilla-ppo              # the same without the seven techniques
+    python vapo.py --resume                          # continue the run in --run-dir from its last checkpoint
+    accelerate launch --config_file configs/fsdp.yaml vapo.py --scale paper --backend vllm
+                                                     # Qwen2.5-32B on DAPO-Math-17k, the paper's settings
+
+Read top to bottom: Args, the paper's math as pure functions, then the training loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+
+# --------------------------------------------------------------------------------------------------
+# Args
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Args:
+    # ---- where things come from and go ----
+    scale: Literal["cpu", "paper"] = "cpu"
+    """"cpu": a tiny model on the synthetic task, minutes on a laptop; "paper": VAPO §5.1's model, data,
+    batch sizes, learning rates and lengths. Applied first; any flag given explicitly wins."""
+    preset: Literal["vapo", "vanilla-ppo"] = "vapo"
+    """"vapo": all seven techniques; "vanilla-ppo": all seven off (VAPO §5.1's baseline). Applied after
+    --scale; any flag given explicitly wins."""
+    model: str = "Qwen/Qwen2.5-32B"
+    """policy: a hub id, a local directory, or "tiny-arithmetic" (the warm-started tiny CPU model, built
+    and cached on first use). VAPO §5.1: Qwen2.5-32B base."""
+    value_model: str | None = None
+    """critic initialisation: a reward model or any checkpoint (hub id or directory); default: the policy's
+    weights with a fresh value head. VAPO §5.1 initialises the critic from a reward model."""
+    data: str = "BytedTsinghua-SIA/DAPO-Math-17k"
+    """training prompts: a hub id or a local .parquet/.jsonl in the DAPO-Math-17k schema, or
+    "synthetic-arithmetic". VAPO trains "under identical settings" to DAPO, i.e. on DAPO-Math-17k."""
+    eval_data: str = "BytedTsinghua-SIA/AIME-2024"
+    """held-out prompts in the same schema, or "synthetic-arithmetic" (its test split)."""
+    run_dir: str = "runs/vapo"
+    """metrics.jsonl, samples.jsonl, curves.png and checkpoints go here."""
+    resume: bool = False
+    """continue from the last checkpoint in --run-dir (same Args)."""
+    seed: int = 1
+    backend: Literal["hf", "vllm"] = "hf"
+    """rollout sampler: transformers `generate` (anywhere) or vLLM (GPU, `pip install -r requirements-gpu.txt`)."""
+    vllm_gpu_memory_utilization: float = 0.4
+    """share of GPU memory vLLM may take; the rest holds the policy and critic being trained."""
+    dtype: str = "bfloat16"
+    """weights' dtype for the policy and the critic ("float32" on CPU)."""
+    gradient_checkpointing: bool = True
+    """recompute activations in the backward pass: memory bounded for 20k-token responses."""
+
+    # ---- schedule ----
+    total_steps: int = 400
+    """RL steps (one rollout each), value-pretraining steps included. VAPO reaches 60.4 within 5,000
+    gradient steps = about 312 rollouts of 16 mini-batches (Fig. 1)."""
+    actor_lr: float = 1e-6
+    """VAPO §5.1: 1e-6."""
+    critic_lr: float = 2e-6
+    """VAPO §5.1: 2e-6 ("the critic needs to update faster to keep pace with policy changes")."""
+    lr_warmup_steps: int = 20
+    """linear warmup then constant (VAPO §5.1 "warmup-then-constant"; length from DAPO §4.1: 20 steps)."""
+    weight_decay: float = 0.1
+    """not stated in VAPO; DAPO's verl recipe uses 0.1."""
+    grad_clip: float = 1.0
+    """max gradient norm, actor and critic; not stated in VAPO; DAPO's verl recipe uses 1.0."""
+    ppo_epochs: int = 1
+    """passes over each rollout; not stated; one pass gives VAPO's 16 updates per rollout."""
+    mini_batch_size: int = 512
+    """samples per optimizer step (VAPO §5.1 item 7: 512), so a rollout of 8192 gives 16 updates."""
+    micro_batch_tokens: int = 32768
+    """token budget of one forward/backward; memory is bounded by it, not by the mini-batch. Rows are
+    sorted by length and packed, so little of it is padding."""
+
+    # ---- rollouts ----
+    max_new_tokens: int = 20480
+    """response length limit; not stated in VAPO; DAPO: 16384 + 4096 overlong buffer = 20480."""
+    temperature: float = 1.0
+    """sampling temperature for rollouts (top-p 1, no top-k: the ratio must see the true distribution)."""
+    reward_correct: float = 1.0
+    reward_wrong: float = -1.0
+    """binary verifier reward on the last token; VAPO §3.3 says "such as 0 and 1"; DAPO and VC-PPO use ±1."""
+
+    # ---- problem 1: value-model bias over long sequences (§3.1, §4.1) ----
+    value_pretrain_steps: int = 50
+    """(1) Value pretraining: the first N steps train the critic only, on rollouts of the frozen initial
+    policy, with Monte-Carlo targets (λ=1). VAPO §5.1 item 1: 50 steps. 0 turns it off."""
+    decoupled_gae: bool = True
+    """(2) Decoupled GAE: the critic's targets use --lam-critic, the advantages λ_policy (§4.1). Off: both
+    use λ_policy."""
+    lam_critic: float = 1.0
+    """λ for the critic's targets; 1.0 removes reward decay (VAPO §4.1, VC-PPO)."""
+
+    # ---- problem 2: heterogeneous sequence lengths (§3.2, §4.2) ----
+    length_adaptive_gae: bool = True
+    """(3) Length-adaptive GAE: λ_policy = 1 - 1/(α·l) per sequence (Eq. 5). Off: --lam-policy for all."""
+    alpha: float = 0.05
+    """α of Eq. 5 (VAPO §5.1 item 3: 0.05)."""
+    lam_policy: float = 0.95
+    """fixed λ_policy when length-adaptive GAE is off (vanilla PPO and VC-PPO: 0.95)."""
+    token_level_loss: bool = True
+    """(4) Token-level loss: the policy loss is the mean over every token of the mini-batch (Eq. 7).
+    Off: the mean over samples of each sample's token mean (Eq. 6)."""
+
+    # ---- problem 3: sparse reward (§3.3, §4.3) ----
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    """(5) Clip-higher: the ratio is clipped to [1 - clip_low, 1 + clip_high] (Eq. 8, §5.1 item 5:
+    0.2 / 0.28). --clip-high 0.2 turns it off."""
+    nll_coef: float = 0.1
+    """(6) Positive-example LM loss weight μ (Eq. 10, §5.1 item 6: 0.1). 0 turns it off."""
+    prompts_per_step: int = 512
+    samples_per_prompt: int = 16
+    """(7) Group sampling: prompts × samples per rollout (§5.1 item 7: 512 × 16; vanilla PPO 8192 × 1)."""
+
+    # ---- what the paper leaves open (our choices, with where they come from) ----
+    gamma: float = 1.0
+    """discount (VAPO §2.2: 1.0 throughout)."""
+    whiten_advantages: bool = True
+    """normalise advantages over the rollout's tokens; VAPO is silent; verl, OpenRLHF, TRL all do."""
+    value_clip: float = 0.5
+    """value-loss clipping around the rollout's values; VAPO is silent; verl's default 0.5."""
+    kl_coef: float = 0.0
+    """KL penalty to the initial policy; VAPO states none; DAPO removes it. Only 0 is supported."""
+    entropy_coef: float = 0.0
+    """entropy bonus; VAPO states none; DAPO's recipe uses 0. Only 0 is supported (entropy is logged)."""
+
+    # ---- evaluation, logging, checkpoints ----
+    eval_every: int = 10
+    """evaluate every N steps (and at the first and last)."""
+    eval_prompts: int = 30
+    """held-out prompts per evaluation."""
+    eval_samples: int = 32
+    """samples per held-out prompt; the score is avg@k (VAPO §5.1: avg@32)."""
+    eval_temperature: float = 1.0
+    """0 = greedy. VAPO §5.1: 1.0."""
+    eval_top_p: float = 0.7
+    """VAPO §5.1: 0.7."""
+    checkpoint_every: int = 10
+    """save a checkpoint every N steps (and at the end); a killed run loses at most N steps."""
+    log_samples: int = 2
+    """completions printed and written to samples.jsonl per step."""
+
+    # derived, filled in after parsing
+    rollout_size: tyro.conf.Suppress[int] = 0
+
+
+# Scale and technique presets: plain overrides applied before the command line, which wins over them.
+SCALES = {
+    "paper": {},  # the dataclass defaults above are VAPO §5.1's settings
+    "cpu": dict(
+        model="tiny-arithmetic", data="synthetic-arithmetic", eval_data="synthetic-arithmetic",
+        dtype="float32", gradient_checkpointing=False, total_steps=60, value_pretrain_steps=5,
+        actor_lr=2e-4, critic_lr=4e-4, lr_warmup_steps=3, weight_decay=0.0,
+        prompts_per_step=32, samples_per_prompt=8, mini_batch_size=64, micro_batch_tokens=8192,
+        max_new_tokens=96, eval_every=10, eval_prompts=200, eval_samples=1, eval_temperature=0.0,
+        eval_top_p=1.0, checkpoint_every=10,
+    ),
+}
+PRESETS = {
+    "vapo": {},
+    "vanilla-ppo": dict(
+        value_pretrain_steps=0, decoupled_gae=False, length_adaptive_gae=False, lam_policy=0.95,
+        token_level_loss=False, clip_high=0.2, nll_coef=0.0,
+    ),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """--scale, then --preset, then every explicit flag."""
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = tyro.cli(Args, args=argv)  # only to read --scale and --preset (and to validate argv)
+    defaults = dataclasses.replace(Args(), **SCALES[chosen.scale])
+    defaults = dataclasses.replace(defaults, **PRESETS[chosen.preset])
+    if chosen.preset == "vanilla-ppo":
+        # vanilla PPO samples one response for each of as many prompts (§5.1: 8192 × 1)
+        defaults.prompts_per_step, defaults.samples_per_prompt = defaults.prompts_per_step * defaults.samples_per_prompt, 1
+    args = tyro.cli(Args, args=argv, default=defaults)
+    args.rollout_size = args.prompts_per_step * args.samples_per_prompt
+    if args.rollout_size % args.mini_batch_size:
+        raise ValueError(f"rollout size {args.rollout_size} is not a multiple of --mini-batch-size {args.mini_batch_size}")
+    if args.kl_coef != 0 or args.entropy_coef != 0:
+        raise ValueError("VAPO uses neither a KL penalty nor an entropy bonus; --kl-coef and --entropy-coef must be 0")
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's math: pure functions of tensors, in the paper's order
+# Shapes: B samples, T response tokens (right-padded); `response_mask` is 1 on real response tokens.
+# --------------------------------------------------------------------------------------------------
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float,
+        lam: float | torch.Tensor) -> torch.Tensor:
+    """Generalised advantage estimation (VAPO Eq. 3), advantages (B, T).
+
+    A_t = Σ_l (γλ)^l δ_{t+l},  δ_t = r_t + γ V(s_{t+1}) - V(s_t),  V after the last token = 0.
+    `lam` is a float or a per-sequence tensor (B,) (length-adaptive GAE). Masked positions are
+    skipped: they neither contribute a δ nor break the chain, and their values are never read.
+    The critic's targets are `gae(..., lam=λ_critic) + values` (decoupled GAE, §4.1).
+    """
+    B, T = rewards.shape
+    lam = torch.as_tensor(lam, dtype=values.dtype, device=values.device).expand(B)
+    mask = response_mask.to(values.dtype)
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros(B, dtype=values.dtype, device=values.device)
+    running = torch.zeros_like(next_value)
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        updated = delta + gamma * lam * running
+        running = torch.where(mask[:, t] > 0, updated, running)
+        next_value = torch.where(mask[:, t] > 0, values[:, t], next_value)
+        advantages[:, t] = running
+    return advantages * mask
+
+
+def length_adaptive_lambda(response_lengths: torch.Tensor, alpha: float) -> torch.Tensor:
+    """λ_policy per sequence (VAPO §4.2, Eq. 5): λ = 1 - 1/(α·l), clamped to [0, 1].
+
+    Chosen so that Σ_t λ^t = 1/(1-λ) = α·l: the TD window grows with the response. For l ≤ 1/α the
+    formula goes to 0 or below; the clamp makes those sequences TD(0) (A_t = δ_t).
+    """
+    lengths = response_lengths.to(torch.float64)
+    return (1.0 - 1.0 / (alpha * lengths)).clamp(0.0, 1.0).to(torch.float32)
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (not part of VAPO; see Args.whiten_advantages)."""
+    n = mask.sum()
+    mean = (values * mask).sum() / n
+    var = (((values - mean) * mask) ** 2).sum() / n
+    return (values - mean) * torch.rsqrt(var + eps) * mask
+
+
+def clipped_policy_loss(logprobs, old_logprobs, advantages, clip_low: float, clip_high: float):
+    """Per-token PPO surrogate with clip-higher (VAPO Eq. 2 and Eq. 8), to be minimised, (B, T).
+
+    loss = -min(r·A, clip(r, 1 - ε_low, 1 + ε_high)·A),  r = π_θ / π_θold.
+    Also returns where the clip was active, split by side: high (A > 0, r > 1 + ε_high) and
+    low (A < 0, r < 1 - ε_low), since clip-higher treats them differently.
+    """
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    clipped_high = (advantages > 0) & (ratio > 1.0 + clip_high)
+    clipped_low = (advantages < 0) & (ratio < 1.0 - clip_low)
+    return loss, clipped_high, clipped_low
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, token_level: bool, total_tokens: float,
+              total_sequences: float) -> torch.Tensor:
+    """Reduce a per-token loss (B, T) to this micro-batch's share of the mini-batch loss.
+
+    token_level (VAPO Eq. 7):  Σ_i Σ_t ℓ_it / Σ_i |o_i|         (every token weighs the same)
+    sample level (VAPO Eq. 6): (1/G) Σ_i (1/|o_i|) Σ_t ℓ_it     (every sample weighs the same)
+    The denominators are the whole mini-batch's token count and sample count, across gradient-
+    accumulation micro-batches and processes, passed in; summing this over the micro-batches of a
+    mini-batch gives exactly the loss of the mini-batch taken as one batch.
+    """
+    if token_level:
+        return (per_token * mask).sum() / total_tokens
+    per_sample = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return per_sample.sum() / total_sequences
+
+
+def positive_nll_loss(logprobs: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor,
+                      total_correct_tokens: float) -> torch.Tensor:
+    """Positive-example LM loss (VAPO §4.3, Eq. 9): -Σ_{o∈T} Σ_t log π(a_t|s_t) / Σ_{o∈T} |o|,
+    T = the correct responses of the mini-batch; 0 when there are none. `correct` is (B,) bool."""
+    if total_correct_tokens == 0:
+        return logprobs.sum() * 0.0
+    positive = mask * correct.to(mask.dtype).unsqueeze(-1)
+    return -(logprobs * positive).sum() / total_correct_tokens
+
+
+def value_loss(values, old_values, returns, mask, clip: float | None, total_tokens: float) -> torch.Tensor:
+    """Critic regression to the returns, token-mean over the mini-batch:
+    0.5·max((V - R)², (clip(V, V_old ± c) - R)²). VAPO does not state its value loss; this is verl's.
+    """
+    squared = (values - returns) ** 2
+    if clip is not None:
+        clipped = old_values + (values - old_values).clamp(-clip, clip)
+        squared = torch.maximum(squared, (clipped - returns) ** 2)
+    return 0.5 * (squared * mask).sum() / total_tokens
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over response tokens: 1 is a perfect critic, 0 no better than a constant.
+    VC-PPO and VAPO stop value pretraining once it (and the value loss) is good enough."""
+    m = mask.bool()
+    r, v = returns[m], values[m]
+    variance = r.var(unbiased=False)
+    return float("nan") if variance == 0 else float(1 - (r - v).var(unbiased=False) / variance)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plumbing helpers (data, batching); the algorithm is in `train` below
+# --------------------------------------------------------------------------------------------------
+
+
+def load_prompts(source: str, split: str) -> list[dict]:
+    """Rows in the DAPO-Math-17k schema: `prompt` (chat messages) and `reward_model.ground_truth`."""
+    from common.data import load_rows, require
+    from common.tasks import ArithmeticTask
+
+    if source == "synthetic-arithmetic":
+        return ArithmeticTask().rows(20000 if split == "train" else 1000, split)
+    rows = load_rows(source, split)
+    for index, row in enumerate(rows):
+        require(row, index, source, "prompt", list)
+        require(row, index, source, "reward_model.ground_truth", (str, int))
+    return rows
+
+
+def resolve_model(name: str) -> str:
+    if name == "tiny-arithmetic":
+        from common.tasks import warm_start
+
+        return str(warm_start())
+    return name
+
+
+def micro_batches(lengths: list[int], rows: list[int], token_budget: int) -> list[list[int]]:
+    """Split `rows` into groups whose padded size (rows × longest) fits `token_budget`, sorting by length
+    first so that rows of similar length share a group (little padding)."""
+    ordered = sorted(rows, key=lambda r: lengths[r])
+    groups, current = [], []
+    for r in ordered:
+        if current and (len(current) + 1) * lengths[r] > token_budget:
+            groups.append(current)
+            current = []
+        current.append(r)
+    if current:
+        groups.append(current)
+    return groups
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+def train(args: Args) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from common.models import load_policy, load_value_model, token_values
+    from common.rewards import check_math_answer
+    from common.sampling import HFSampler, VLLMSampler, collate, response_logprobs
+    from common.tracking import RunLog
+
+    accelerator = Accelerator()
+    set_seed(args.seed, device_specific=True)
+    run_dir = Path(args.run_dir)
+    checkpoint = latest_checkpoint(run_dir) if args.resume else None
+    if args.resume and checkpoint is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}; run once without --resume first")
+
+    # ---- models: the policy, and a separate critic with its own optimizer (VAPO §5.1) ----
+    model_path = resolve_model(args.model)
+    policy, tokenizer = load_policy(model_path, args.dtype, args.gradient_checkpointing)
+    critic = load_value_model(args.value_model or model_path, args.dtype, args.gradient_checkpointing)
+    actor_opt = torch.optim.AdamW(policy.parameters(), lr=args.actor_lr, weight_decay=args.weight_decay)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
+    warmup = lambda step: min(1.0, (step + 1) / max(1, args.lr_warmup_steps))  # noqa: E731
+    actor_sched = torch.optim.lr_scheduler.LambdaLR(actor_opt, warmup)
+    critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, warmup)
+    policy, critic, actor_opt, critic_opt, actor_sched, critic_sched = accelerator.prepare(
+        policy, critic, actor_opt, critic_opt, actor_sched, critic_sched
+    )
+    device = accelerator.device
+
+    # ---- data: each process samples its own share of the prompts ----
+    train_rows = load_prompts(args.data, "train")
+    eval_rows = load_prompts(args.eval_data, "test")[: args.eval_prompts]
+    order = list(range(len(train_rows)))
+    random.Random(args.seed).shuffle(order)
+    prompts_here = args.prompts_per_step // accelerator.num_processes
+    state = {"position": accelerator.process_index * prompts_here, "args": dataclasses.asdict(args)}
+    start_step = 0
+    if checkpoint is not None:
+        saved = load_checkpoint(accelerator, checkpoint)
+        start_step, state["position"] = saved["step"], saved["position"]
+        accelerator.print(f"resumed from {checkpoint} at step {start_step}")
+
+    if args.backend == "vllm":
+        sampler = VLLMSampler(model_path, tokenizer, args.vllm_gpu_memory_utilization, seed=args.seed + accelerator.process_index)
+    else:
+        sampler = HFSampler(accelerator.unwrap_model(policy), tokenizer, synced_gpus=accelerator.num_processes > 1)
+    log = RunLog(run_dir, resume_step=start_step if checkpoint else None, is_main=accelerator.is_main_process)
+    plotted = ["eval/accuracy", "reward/accuracy", "reward/mean", "response/length_mean", "value/explained_variance",
+               "value/loss", "policy/clipfrac_high", "policy/clipfrac_low", "policy/approx_kl", "policy/entropy",
+               "policy/nll_loss", "response/truncated_frac", "gae/lambda_policy_mean", "time/step_s"]
+
+    def evaluate(step: int) -> dict:
+        """avg@k accuracy on the held-out prompts with the eval sampling settings (VAPO §5.1)."""
+        shard = eval_rows[accelerator.process_index :: accelerator.num_processes]
+        samples = sampler.generate([r["prompt"] for r in shard], n=args.eval_samples, max_new_tokens=args.max_new_tokens,
+                                   temperature=args.eval_temperature, top_p=args.eval_top_p, seed=args.seed + 10**6 + step)
+        verdicts = [check_math_answer(s.text, str(shard[s.prompt_index]["reward_model"]["ground_truth"])) for s in samples]
+        stats = torch.tensor([sum(v.correct for v in verdicts), len(verdicts)], device=device, dtype=torch.float64)
+        stats = accelerator.reduce(stats, "sum")
+        return {"eval/accuracy": (stats[0] / stats[1]).item()}
+
+    timings = {}
+
+    def timed(name):
+        class Timer:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timings[f"time/{name}_s"] = timings.get(f"time/{name}_s", 0.0) + time.perf_counter() - self.start
+        return Timer()
+
+    if start_step == 0:
+        log.metrics(0, evaluate(0))
+    progress = tqdm(range(start_step, args.total_steps), initial=start_step, total=args.total_steps,
+                    disable=not accelerator.is_main_process, desc="vapo")
+    for step in progress:
+        timings.clear()
+        step_start = time.perf_counter()
+        # (1) Value pretraining: the policy stays frozen at its initial weights, only the critic learns.
+        critic_only = step < args.value_pretrain_steps
+
+        # ---- 1. rollout: group sampling, prompts × samples per prompt (§4.3 item 7) ----
+        prompts = []
+        for _ in range(prompts_here):
+            prompts.append(train_rows[order[state["position"] % len(order)]])
+            state["position"] += 1
+        state["position"] += prompts_here * (accelerator.num_processes - 1)  # skip the other processes' prompts
+        with timed("generate"):
+            if args.backend == "vllm":
+                sampler.load_weights(accelerator.get_state_dict(policy).items())
+            samples = sampler.generate([p["prompt"] for p in prompts], n=args.samples_per_prompt,
+                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                       top_p=1.0, seed=args.seed * 100_003 + step * 997 + accelerator.process_index)
+
+        # ---- 2. reward: the verifier's verdict, on the last response token only (§2.2) ----
+        verdicts = [check_math_answer(s.text, str(prompts[s.prompt_index]["reward_model"]["ground_truth"]))
+                    for s in samples]
+        correct = torch.tensor([v.correct for v in verdicts], device=device)
+        batch = collate(samples, tokenizer.pad_token_id).to(device)
+        mask = batch.response_mask  # (B, T)
+        lengths = mask.sum(-1)
+        rewards = torch.zeros_like(mask)
+        final_reward = torch.where(correct, args.reward_correct, args.reward_wrong).to(mask.dtype)
+        rewards[torch.arange(len(samples), device=device), lengths.long() - 1] = final_reward
+
+        # ---- 3. old log-probs and values, no gradient, in token-budget micro-batches ----
+        full_lengths = (batch.attention_mask.sum(-1)).tolist()
+        all_rows = list(range(len(samples)))
+        old_logprobs, old_values = torch.zeros_like(mask), torch.zeros_like(mask)
+        policy.eval()
+        critic.eval()
+        with torch.no_grad():
+            for rows in micro_batches(full_lengths, all_rows, args.micro_batch_tokens):
+                part = batch.select(rows)
+                width = part.response_mask.shape[1]
+                with timed("logprobs"):
+                    old_logprobs[rows, :width] = response_logprobs(policy, part, args.temperature)
+                with timed("values"):
+                    v = token_values(critic, part.input_ids, part.attention_mask, part.position_ids)
+                    # V(s_t), the state before response token t, is read at position P + t - 1
+                    old_values[rows, :width] = v[:, part.prompt_length - 1 : -1]
+        old_values = old_values * mask
+
+        # ---- 4. advantages and returns (§4.1, §4.2) ----
+        if args.length_adaptive_gae:
+            lam_policy = length_adaptive_lambda(lengths, args.alpha).to(device)  # (3) per sequence
+        else:
+            lam_policy = torch.full_like(lengths, args.lam_policy)
+        advantages = gae(rewards, old_values, mask, args.gamma, lam_policy)
+        if critic_only:
+            lam_critic = 1.0  # (1) value pretraining regresses on Monte-Carlo returns
+        else:
+            lam_critic = args.lam_critic if args.decoupled_gae else lam_policy  # (2) decoupled GAE
+        returns = (gae(rewards, old_values, mask, args.gamma, lam_critic) + old_values) * mask
+        if args.whiten_advantages:
+            advantages = whiten(advantages, mask)
+
+        # ---- 5. PPO updates: K epochs of mini-batches, each split into micro-batches ----
+        policy.train()
+        critic.train()
+        sums = {k: 0.0 for k in ("pg_loss", "nll_loss", "value_loss", "clip_high", "clip_low", "approx_kl",
+                                 "entropy", "tokens", "padded_tokens", "actor_grad_norm", "critic_grad_norm")}
+        updates = 0
+        for _ in range(args.ppo_epochs):
+            permutation = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed + step)).tolist()
+            for start in range(0, len(samples), args.mini_batch_size):
+                mb_rows = permutation[start : start + args.mini_batch_size]
+                # global denominators: this mini-batch's tokens, samples and correct-sample tokens, all processes
+                counts = torch.stack([mask[mb_rows].sum(), torch.tensor(float(len(mb_rows)), device=device),
+                                      (mask[mb_rows] * correct[mb_rows].unsqueeze(-1)).sum()]).double()
+                n_tokens, n_samples, n_correct_tokens = accelerator.reduce(counts, "sum").tolist()
+                per_process = accelerator.num_processes  # gradients are averaged over processes: undo it
+                for rows in micro_batches(full_lengths, mb_rows, args.micro_batch_tokens):
+                    part = batch.select(rows)
+                    width = part.response_mask.shape[1]
+                    m = part.response_mask
+                    sums["tokens"] += m.sum().item()
+                    sums["padded_tokens"] += part.input_ids.numel()
+                    if not critic_only:
+                        with timed("actor"):
+                            logprobs, entropy = response_logprobs(policy, part, args.temperature, with_entropy=True)
+                            pg, high, low = clipped_policy_loss(logprobs, old_logprobs[rows, :width],
+                                                                advantages[rows, :width], args.clip_low, args.clip_high)
+                            pg_loss = aggregate(pg, m, args.token_level_loss, n_tokens, n_samples)  # (4)
+                            nll = positive_nll_loss(logprobs, m, correct[rows], n_correct_tokens)  # (6)
+                            actor_loss = (pg_loss + args.nll_coef * nll) * per_process
+                            check_finite(actor_loss, "actor", step, run_dir)
+                            accelerator.backward(actor_loss)
+                        with torch.no_grad():
+                            log_ratio = logprobs - old_logprobs[rows, :width]
+                            sums["pg_loss"] += pg_loss.item()
+                            sums["nll_loss"] += nll.item()
+                            sums["clip_high"] += (high * m).sum().item()
+                            sums["clip_low"] += (low * m).sum().item()
+                            sums["approx_kl"] += (((log_ratio.exp() - 1) - log_ratio) * m).sum().item()  # k3
+                            sums["entropy"] += (entropy * m).sum().item()
+                    with timed("critic"):
+                        v = token_values(critic, part.input_ids, part.attention_mask, part.position_ids)
+                        v = v[:, part.prompt_length - 1 : -1]
+                        critic_loss = value_loss(v, old_values[rows, :width], returns[rows, :width], m,
+                                                 args.value_clip, n_tokens) * per_process
+                        check_finite(critic_loss, "critic", step, run_dir)
+                        accelerator.backward(critic_loss)
+                    sums["value_loss"] += critic_loss.item() / per_process
+                if not critic_only:
+                    sums["actor_grad_norm"] += float(accelerator.clip_grad_norm_(policy.parameters(), args.grad_clip))
+                    actor_opt.step()
+                    actor_sched.step()
+                actor_opt.zero_grad(set_to_none=True)
+                sums["critic_grad_norm"] += float(accelerator.clip_grad_norm_(critic.parameters(), args.grad_clip))
+                critic_opt.step()
+                critic_sched.step()
+                critic_opt.zero_grad(set_to_none=True)
+                updates += 1
+
+        # ---- 6. metrics, samples, evaluation, checkpoint ----
+        n_tok = max(1.0, mask.sum().item()) * args.ppo_epochs
+        metrics = {
+            "phase": "value_pretrain" if critic_only else "rl",
+            "reward/mean": final_reward.mean().item(),
+            "reward/accuracy": correct.float().mean().item(),
+            "reward/parse_failures": sum(v.parse_failed for v in verdicts) / len(verdicts),
+            "response/length_mean": lengths.mean().item(),
+            "response/length_max": lengths.max().item(),
+            "response/truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
+            "value/loss": sums["value_loss"] / updates,
+            "value/explained_variance": explained_variance(old_values, returns, mask),
+            "value/mean": ((old_values * mask).sum() / mask.sum()).item(),
+            "gae/lambda_policy_mean": lam_policy.float().mean().item(),
+            "gae/advantage_abs_mean": ((advantages.abs() * mask).sum() / mask.sum()).item(),
+            "value/grad_norm": sums["critic_grad_norm"] / updates,
+            "perf/padding_efficiency": sums["tokens"] / max(1.0, sums["padded_tokens"]),
+            "lr/actor": actor_sched.get_last_lr()[0],
+            "lr/critic": critic_sched.get_last_lr()[0],
+        }
+        if not critic_only:
+            metrics |= {
+                "policy/pg_loss": sums["pg_loss"] / updates,
+                "policy/nll_loss": sums["nll_loss"] / updates,
+                "policy/clipfrac_high": sums["clip_high"] / n_tok,
+                "policy/clipfrac_low": sums["clip_low"] / n_tok,
+                "policy/approx_kl": sums["approx_kl"] / n_tok,
+                "policy/entropy": sums["entropy"] / n_tok,
+                "policy/grad_norm": sums["actor_grad_norm"] / updates,
+            }
+        step_time = time.perf_counter() - step_start
+        metrics |= timings | {"time/step_s": step_time,
+                              "perf/tokens_per_s": (batch.attention_mask.sum().item() * (1 + args.ppo_epochs)) / step_time}
+        done = step + 1
+        if done % args.eval_every == 0 or done == args.total_steps:
+            metrics |= evaluate(done)
+        log.metrics(done, metrics)
+        examples = [{"prompt": prompts[s.prompt_index]["prompt"][-1]["content"], "completion": s.text,
+                     "reward": final_reward[i].item(), "advantage_mean": (advantages[i] * mask[i]).sum().item() / lengths[i].item()}
+                    for i, s in enumerate(samples[: args.log_samples])]
+        log.samples(done, examples)
+        progress.set_postfix(reward=f"{metrics['reward/mean']:.2f}", acc=f"{metrics['reward/accuracy']:.2f}",
+                             ev=f"{metrics['value/explained_variance']:.2f}", len=f"{metrics['response/length_mean']:.0f}")
+        if done % args.checkpoint_every == 0 or done == args.total_steps:
+            save_checkpoint(accelerator, run_dir, done, {"position": state["position"], "args": dataclasses.asdict(args)},
+                            {"policy": policy, "critic": critic}, tokenizer)
+            log.plot(plotted, title=f"VAPO ({args.preset}, {args.scale} scale)")
+            for example in examples:
+                progress.write(f"[step {done}] reward {example['reward']:+.0f} | {example['prompt']!r} -> {example['completion']!r}")
+    return run_dir
+
+
+def check_finite(loss: torch.Tensor, which: str, step: int, run_dir: Path) -> None:
+    if not torch.isfinite(loss):
+        from common.checkpoint import latest_checkpoint
+
+        raise FloatingPointError(
+            f"the {which} loss is {loss.item()} at step {step + 1}; stopping before it reaches the weights. "
+            f"The last checkpoint ({latest_checkpoint(run_dir) or 'none yet'}) is intact: lower the learning "
+            f"rates or check the rewards, then continue with --resume."
+        )
+
+
+if __name__ == "__main__":
+    train(parse_args())

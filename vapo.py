@@ -404,7 +404,7 @@ def train(args: Args) -> Path:
     order = list(range(len(train_rows)))
     random.Random(args.seed).shuffle(order)
     prompts_here = args.prompts_per_step // accelerator.num_processes
-    state = {"position": accelerator.process_index * prompts_here, "args": dataclasses.asdict(args)}
+    state = {"position": 0}  # index in `order` of the next step's first prompt, the same on every process
     start_step = 0
     if checkpoint is not None:
         saved = load_checkpoint(accelerator, checkpoint)
@@ -412,7 +412,8 @@ def train(args: Args) -> Path:
         accelerator.print(f"resumed from {checkpoint} at step {start_step}")
 
     if args.backend == "vllm":
-        sampler = VLLMSampler(model_path, tokenizer, args.vllm_gpu_memory_utilization, seed=args.seed + accelerator.process_index)
+        sampler = VLLMSampler(model_path, tokenizer, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                              dtype=args.dtype, max_model_len=None, seed=args.seed + accelerator.process_index)
     else:
         sampler = HFSampler(accelerator.unwrap_model(policy), tokenizer, synced_gpus=accelerator.num_processes > 1)
     log = RunLog(run_dir, resume_step=start_step if checkpoint else None, is_main=accelerator.is_main_process)
@@ -452,11 +453,9 @@ def train(args: Args) -> Path:
         critic_only = step < args.value_pretrain_steps
 
         # ---- 1. rollout: group sampling, prompts × samples per prompt (§4.3 item 7) ----
-        prompts = []
-        for _ in range(prompts_here):
-            prompts.append(train_rows[order[state["position"] % len(order)]])
-            state["position"] += 1
-        state["position"] += prompts_here * (accelerator.num_processes - 1)  # skip the other processes' prompts
+        first = state["position"] + accelerator.process_index * prompts_here
+        prompts = [train_rows[order[(first + j) % len(order)]] for j in range(prompts_here)]
+        state["position"] += args.prompts_per_step
         with timed("generate"):
             if args.backend == "vllm":
                 sampler.load_weights(accelerator.get_state_dict(policy).items())
@@ -513,8 +512,9 @@ def train(args: Args) -> Path:
         sums = {k: 0.0 for k in ("pg_loss", "nll_loss", "value_loss", "clip_high", "clip_low", "approx_kl",
                                  "entropy", "tokens", "padded_tokens", "actor_grad_norm", "critic_grad_norm")}
         updates = 0
-        for _ in range(args.ppo_epochs):
-            permutation = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed + step)).tolist()
+        for epoch in range(args.ppo_epochs):
+            shuffle = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 101 + epoch)
+            permutation = torch.randperm(len(samples), generator=shuffle).tolist()
             for start in range(0, len(samples), args.mini_batch_size):
                 mb_rows = permutation[start : start + args.mini_batch_size]
                 # global denominators: this mini-batch's tokens, samples and correct-sample tokens, all processes
@@ -526,8 +526,8 @@ def train(args: Args) -> Path:
                     part = batch.select(rows)
                     width = part.response_mask.shape[1]
                     m = part.response_mask
-                    sums["tokens"] += m.sum().item()
-                    sums["padded_tokens"] += part.input_ids.numel()
+                    sums["tokens"] += part.attention_mask.sum().item()
+                    sums["padded_tokens"] += part.attention_mask.numel()
                     if not critic_only:
                         with timed("actor"):
                             logprobs, entropy = response_logprobs(policy, part, args.temperature, with_entropy=True)

@@ -61,10 +61,12 @@ def _math_value(answer: str):
         return []
     in_main = threading.current_thread() is threading.main_thread()
     text = answer if "$" in answer or "\\boxed" in answer else f"${answer}$"
-    value = parse(text, extraction_config=_EXTRACTION, parsing_timeout=5 if in_main else None)
-    if not value and text != answer:
-        value = parse(answer, extraction_config=_EXTRACTION, parsing_timeout=5 if in_main else None)
-    return value
+    for candidate in (text, answer):
+        value = parse(candidate, extraction_config=_EXTRACTION, parsing_timeout=5 if in_main else None)
+        # math-verify returns [sympy value, source text]; a lone string means nothing was read
+        if value and not isinstance(value[0], str):
+            return value
+    return []
 
 
 def math_equal(predicted: str, gold: str) -> bool:

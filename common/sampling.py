@@ -180,48 +180,33 @@ def cut_response(tokens: list[int], end_ids: Sequence[int], stop: Sequence[str],
 
 
 class VLLMSampler:
-    """Sampling with vLLM on a GPU; `load_weights` pushes the trainer's current weights into the
-    engine (no checkpoint written), so every rollout comes from the policy being trained."""
+    """Sampling with vLLM; `load_weights` pushes the trainer's current weights into the engine (no
+    checkpoint written), so every rollout comes from the policy being trained.
 
-    def __init__(
-        self,
-        model_name_or_path: str,
-        tokenizer,
-        gpu_memory_utilization: float = 0.4,
-        tensor_parallel_size: int = 1,
-        dtype: str = "bfloat16",
-        max_model_len: int | None = None,
-        seed: int = 0,
-    ):
+    The engine runs in this process (so that `load_weights` reaches its model). `engine_kwargs` go to
+    `vllm.LLM`, e.g. `gpu_memory_utilization`, `tensor_parallel_size`, `max_model_len`, `dtype`.
+    """
+
+    def __init__(self, model_name_or_path: str, tokenizer, **engine_kwargs):
         require_vllm()
         import os
 
-        # Keep the engine in this process so `load_weights` can reach the model it runs.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
         self.tokenizer = tokenizer
         self.end_ids = end_token_ids(tokenizer)
-        self.llm = LLM(
-            model=model_name_or_path,
-            skip_tokenizer_init=True,  # prompts go in as ids and come out as ids; we decode ourselves
-            gpu_memory_utilization=gpu_memory_utilization,
-            tensor_parallel_size=tensor_parallel_size,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            seed=seed,
-            enable_prefix_caching=True,
-        )
+        engine_kwargs = {"gpu_memory_utilization": 0.4, "dtype": "bfloat16", **engine_kwargs}
+        # prompts go in as ids and come out as ids: vLLM never needs to load the tokenizer itself
+        self.llm = LLM(model=model_name_or_path, skip_tokenizer_init=True, **engine_kwargs)
 
     def load_weights(self, named_tensors) -> None:
         """Copy (name, tensor) pairs, e.g. `model.state_dict().items()`, into the running engine."""
-        weights = list(named_tensors)
-
-        def load(worker):
-            worker.model_runner.model.load_weights(weights=weights)
-
-        self.llm.collective_rpc(load)
-        self.llm.reset_prefix_cache()
+        weights = [(name, tensor.detach()) for name, tensor in named_tensors]
+        # vLLM's in-place reload re-runs its checkpoint loading (fused QKV, repacked kernels) on these
+        # tensors; loading straight into the model's parameters fails once they were repacked.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()  # cached prompt states were computed with the old weights
 
     def generate(self, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, seed=None, stop=(), tools=None):
         from vllm import SamplingParams, TokensPrompt
@@ -231,11 +216,11 @@ class VLLMSampler:
             n=n,
             temperature=temperature,
             top_p=top_p if temperature > 0 else 1.0,
-            top_k=-1 if temperature > 0 else 1,
+            top_k=0 if temperature > 0 else 1,  # no top-k: the same distribution as the HF sampler
             max_tokens=max_new_tokens,
             seed=seed,
             stop_token_ids=self.end_ids,
-            logprobs=0,  # the sampled token's log-prob under the processed distribution
+            logprobs=0,  # the sampled token's log-prob
             detokenize=False,
         )
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
@@ -251,13 +236,18 @@ class VLLMSampler:
 
 
 def require_vllm() -> None:
+    """vLLM must be installed, and run on a CUDA GPU (or be a CPU build of vLLM)."""
     if importlib.util.find_spec("vllm") is None:
         raise RuntimeError(
-            "The vLLM backend needs the `vllm` package, which is not installed. It runs on NVIDIA GPUs only: "
+            "The vLLM backend needs the `vllm` package, which is not installed. It runs on NVIDIA GPUs: "
             "install it in its own environment with `pip install -r requirements-gpu.txt`, or use the "
             "default transformers backend (`--backend hf`)."
         )
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
         raise RuntimeError(
             "The vLLM backend needs a CUDA GPU and none is visible (torch.cuda.is_available() is False). "
             "Run on a GPU machine, or use the transformers backend (`--backend hf`)."

@@ -105,7 +105,9 @@ class WarmStartConfig:
     seed: int = 0
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """Names the cached model; it changes with the config and with the task's rows themselves."""
+        content = {"config": asdict(self), "rows": self.task.rows(5)}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def greedy_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 80, batch_size: int = 256) -> float:

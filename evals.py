@@ -250,8 +250,7 @@ def plot_pass_at_k(summary: dict, path: Path, title: str) -> Path | None:
     points = [(int(key[5:]), value) for key, value in summary.items() if key.startswith("pass@")]
     if len(points) < 2:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig, ax = _figure((4.5, 3.2))
     ax.plot([k for k, _ in points], [v for _, v in points], marker="o")
     ax.set_xscale("log", base=2)
     ax.set_xticks([k for k, _ in points], [str(k) for k, _ in points])
@@ -376,8 +375,7 @@ def judge_all(judge, items: list[dict], responses: dict[str, list[str]]) -> dict
 
 
 def plot_ror(summary: dict, path: Path, title: str) -> Path:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig, ax = _figure((4.5, 3.2))
     labels = ["mean of samples", "best of n"]
     for shift, variant in ((-0.2, "original"), (0.2, "modified")):
         values = [summary[variant] or 0, summary[f"{variant}_best_of_n"] or 0]
@@ -446,8 +444,7 @@ def plot_longreason(summary: dict, path: Path, title: str) -> Path | None:
               and key.startswith("accuracy/")]
     if len(points) < 2:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = _figure((5, 3.2))
     ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
     ax.set(xlabel="split (context length)", ylabel="accuracy (%)", ylim=(-2, 102), title=title)
     ax.grid(alpha=0.3)
@@ -814,19 +811,17 @@ def write_outputs(args: Args, sampling: Sampling, source: str, records: list[dic
     return result
 
 
-def _pyplot():
-    import matplotlib
+def _figure(figsize):
+    """A bare Figure and its axes, not pyplot: writing a file must not change a notebook's backend."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots()
 
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
     return path
 
 

@@ -33,7 +33,7 @@ ROWS = {
     "w/o clip-higher": (["--clip-high", "0.2"], 46),
     "w/o token-level loss": (["--no-token-level-loss"], 53),
     "w/o positive-example LM loss": (["--nll-coef", "0"], 54),
-    "w/o group sampling": (["--prompts-per-step", "256", "--samples-per-prompt", "1"], 55),
+    "w/o group sampling": (["--prompts-per-step", "512", "--samples-per-prompt", "1"], 55),
     "vanilla-ppo": (["--preset", "vanilla-ppo"], 5),
 }
 

@@ -49,10 +49,11 @@ class RunLog:
     def rows(self) -> list[dict]:
         return read_metrics(self.run_dir)
 
-    def plot(self, keys: Sequence[str], title: str = "", path: str | Path | None = None) -> Path | None:
+    def plot(self, keys: Sequence[str], title: str = "", path: str | Path | None = None,
+             marks: dict[int, str] | None = None) -> Path | None:
         if not self.is_main:
             return None
-        return plot_curves(self.rows(), keys, Path(path) if path else self.run_dir / "curves.png", title)
+        return plot_curves(self.rows(), keys, Path(path) if path else self.run_dir / "curves.png", title, marks)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -62,31 +63,35 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-def plot_curves(rows: Sequence[dict], keys: Sequence[str], path: Path, title: str = "") -> Path:
-    """One small panel per metric against step; missing values are skipped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_curves(rows: Sequence[dict], keys: Sequence[str], path: Path, title: str = "",
+                marks: dict[int, str] | None = None) -> Path:
+    """One small panel per metric against step; missing values are skipped. `marks` draws a dashed
+    vertical line at each given step (e.g. where a phase of training ends), labelled in the legend."""
+    # a bare Figure, not pyplot: drawing a file must not change the backend of a notebook that trains
+    from matplotlib.figure import Figure
 
     keys = [k for k in keys if any(_finite(r.get(k)) for r in rows)]
     columns = min(4, max(1, len(keys)))
     lines = max(1, math.ceil(len(keys) / columns))
-    fig, axes = plt.subplots(lines, columns, figsize=(4 * columns, 2.8 * lines), squeeze=False)
+    fig = Figure(figsize=(4 * columns, 2.8 * lines))
+    axes = fig.subplots(lines, columns, squeeze=False)
     for ax in axes.flat[len(keys):]:
         ax.axis("off")
     for ax, key in zip(axes.flat, keys):
         points = [(r["step"], r[key]) for r in rows if _finite(r.get(key))]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 40 else None)
+        for step, label in (marks or {}).items():
+            ax.axvline(step, color="gray", linestyle="--", linewidth=0.8, label=label)
         ax.set_title(key, fontsize=9)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
+    if marks and keys:
+        axes.flat[0].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from common.rewards import check_choice, check_math_answer, exact_match, extract_boxed, math_equal
 from common.sft import IGNORE_INDEX, tokenize_chat
-from common.tasks import ArithmeticTask, WarmStartConfig, warm_start
+from common.tasks import QUICK_WARM_START, ArithmeticTask, greedy_accuracy, warm_start
 
 TRUTH_TABLE = [
     # (response, gold, correct, parse_failed)
@@ -98,24 +98,18 @@ def test_tokenize_chat_trains_only_the_assistant_content_and_end_token(tiny_mode
     assert chat.input_ids == both.input_ids and tokenizer.decode(chat.input_ids) == chat.text
 
 
-SMALL_WARM_START = WarmStartConfig(task=ArithmeticTask(max_terms=3), hidden_size=64, num_layers=2,
-                                   train_rows=4000, eval_rows=100, eval_every=20, target_accuracy=0.2)
-
-
 @pytest.mark.slow
-def test_warm_start_lands_in_its_accuracy_window_and_is_cached(tmp_path):
-    start = time.perf_counter()
-    directory = warm_start(SMALL_WARM_START, cache_dir=tmp_path, progress=False)
-    built_in = time.perf_counter() - start
+def test_warm_start_lands_in_its_accuracy_window_and_is_cached():
+    """The quick configuration (the one notebooks use); the default one is measured in the README."""
+    directory = warm_start(QUICK_WARM_START, progress=False)
     report = json.loads((directory / "warm_start.json").read_text())
-    low, high = SMALL_WARM_START.accuracy_window
+    low, high = QUICK_WARM_START.accuracy_window
     assert low <= report["accuracy"] <= high
     from common.models import load_policy
-    from common.tasks import greedy_accuracy
 
     model, tokenizer = load_policy(str(directory))
-    measured = greedy_accuracy(model, tokenizer, SMALL_WARM_START.task.rows(SMALL_WARM_START.eval_rows, "test"))
+    measured = greedy_accuracy(model, tokenizer, QUICK_WARM_START.task.rows(QUICK_WARM_START.eval_rows, "test"))
     assert measured == pytest.approx(report["accuracy"])
     start = time.perf_counter()
-    assert warm_start(SMALL_WARM_START, cache_dir=tmp_path, progress=False) == directory
-    assert time.perf_counter() - start < built_in
+    assert warm_start(QUICK_WARM_START, progress=False) == directory  # cached: no training the second time
+    assert time.perf_counter() - start < 5

@@ -90,7 +90,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tiny_model_dir, tmp_path):
 def test_presets_turn_the_seven_techniques_off_and_flags_still_win():
     vapo_args = vapo.parse_args([])
     assert (vapo_args.value_pretrain_steps, vapo_args.decoupled_gae, vapo_args.length_adaptive_gae,
-            vapo_args.token_level_loss, vapo_args.clip_high, vapo_args.nll_coef) == (5, True, True, True, 0.28, 0.1)
+            vapo_args.token_level_loss, vapo_args.clip_high, vapo_args.nll_coef) == (10, True, True, True, 0.28, 0.1)
     vanilla = vapo.parse_args(["--preset", "vanilla-ppo"])
     assert (vanilla.value_pretrain_steps, vanilla.decoupled_gae, vanilla.length_adaptive_gae,
             vanilla.token_level_loss, vanilla.clip_high, vanilla.nll_coef) == (0, False, False, False, 0.2, 0.0)

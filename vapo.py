@@ -376,7 +376,7 @@ def train(args: Args) -> Path:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from common.checkpoint import check_finite, latest_checkpoint, load_checkpoint, save_checkpoint
     from common.models import load_policy, load_value_model, token_values
     from common.rewards import check_math_answer
     from common.sampling import HFSampler, VLLMSampler, collate, response_logprobs
@@ -621,17 +621,6 @@ def train(args: Args) -> Path:
             for example in examples:
                 progress.write(f"[step {done}] reward {example['reward']:+.0f} | {example['prompt']!r} -> {example['completion']!r}")
     return run_dir
-
-
-def check_finite(loss: torch.Tensor, which: str, step: int, run_dir: Path) -> None:
-    if not torch.isfinite(loss):
-        from common.checkpoint import latest_checkpoint
-
-        raise FloatingPointError(
-            f"the {which} loss is {loss.item()} at step {step + 1}; stopping before it reaches the weights. "
-            f"The last checkpoint ({latest_checkpoint(run_dir) or 'none yet'}) is intact: lower the learning "
-            f"rates or check the rewards, then continue with --resume."
-        )
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@
     python benchmarks/vapo_ablation.py --seeds 1 --rows vapo vanilla-ppo
 
 Each row is one `vapo.py` command line (printed in the table). All rows spend the same sample budget:
-the same number of steps with the same number of samples per step. The score is the held-out greedy
-accuracy at the last step; the table gives mean ± std over seeds, the paper's AIME24 number beside it,
-and writes `results.md`, `results.json` and `curves.png` into --out-dir.
+the same number of steps with the same number of samples per step. The score is the held-out accuracy
+at the last step (vapo.py's evaluation; at the CPU scale avg@4 on 128 prompts); the table gives
+mean ± std over seeds, the paper's AIME24 number beside it, and writes `results.md`, `results.json` and `curves.png` into --out-dir.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ previous checkpoint intact, and `latest_checkpoint` never returns a half-written
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -63,3 +64,13 @@ def load_checkpoint(accelerator, checkpoint: Path) -> dict:
     checkpoint = Path(checkpoint)
     accelerator.load_state(str(checkpoint / "accelerate"))
     return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+def check_finite(loss, what: str, step: int, run_dir: Path) -> None:
+    """Stop on a NaN or infinite loss before it reaches the weights, naming the checkpoint to resume from."""
+    if not math.isfinite(float(loss)):
+        raise FloatingPointError(
+            f"the {what} loss is {float(loss)} at step {step + 1}; stopping before it reaches the weights. "
+            f"The last checkpoint ({latest_checkpoint(run_dir) or 'none yet'}) is intact: lower the learning "
+            f"rate or check the data and rewards, then continue with --resume."
+        )

@@ -29,11 +29,3 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from common.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="session")
-def warm_model_dir() -> Path:
-    """The warm-started tiny arithmetic model (built once, then cached under .cache/)."""
-    from common.tasks import warm_start
-
-    return warm_start(progress=False)

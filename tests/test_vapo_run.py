@@ -113,5 +113,8 @@ def test_dataset_without_an_answer_names_the_row(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
-    with pytest.raises(FloatingPointError, match="last checkpoint .* is intact"):
-        vapo.check_finite(torch.tensor(float("nan")), "actor", 3, tmp_path)
+    from common.checkpoint import check_finite
+
+    check_finite(torch.tensor(0.5), "actor", 3, tmp_path)  # a finite loss passes
+    with pytest.raises(FloatingPointError, match=r"actor loss is nan at step 4.*last checkpoint \(none yet\) is intact"):
+        check_finite(torch.tensor(float("nan")), "actor", 3, tmp_path)

@@ -1,0 +1,1446 @@
+"""Agent-R: training language-model agents to reflect, by MCTS-built revision trajectories.
+
+Paper: "Agent-R: Training Language Model Agents to Reflect via Iterative Self-Training" (Yuan et al.,
+arXiv 2501.11425). Each iteration has two phases (§3, Fig. 2):
+
+    Phase I   MCTS with the current model as policy finds good and bad trajectories of each task;
+              the model itself, as a verifier, finds the first bad step t' of a bad trajectory, and the
+              revision trajectory is  bad prefix up to t'  +  a revision thought ("Action: wait")  +  the
+              good trajectory's continuation.
+    Phase II  SFT on revision and good trajectories; the bad prefix is context only (no loss).
+
+The environment is TextCraft (Minecraft crafting in text, as in AgentGym), in pure Python.
+
+    python agent_r.py                                   # CPU: tiny warm-started model, synthetic recipes
+    python agent_r.py --no-revision                     # the baseline: good trajectories only
+    python agent_r.py --transition end                  # the Direct-Revision baseline (revise at the end)
+    python agent_r.py --resume                          # continue the run in --run-dir
+    python agent_r.py --scale paper --recipes PATH      # Llama-3.1-8B-Instruct on the real recipe files
+
+Read top to bottom: Args, the environment, the paper's pieces as pure functions, then the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol, Sequence
+
+import tyro
+
+# --------------------------------------------------------------------------------------------------
+# Args
+# --------------------------------------------------------------------------------------------------
+
+# Agent-R's 100 TextCraft test tasks (`mcts_utils/textcraft/textcraft_test.json`): depths 1 to 4.
+AGENT_R_TEST_TASKS = (*range(0, 31), *range(140, 181), *range(420, 445), *range(533, 536))
+
+
+@dataclass
+class Args:
+    # ---- where things come from and go ----
+    scale: Literal["cpu", "paper"] = "cpu"
+    """"cpu": the tiny warm-started agent on the synthetic recipes, minutes on a laptop; "paper": Agent-R's
+    model and search budget on the real recipe files (then --recipes is required). Applied first; any flag
+    given explicitly wins."""
+    model: str = "meta-llama/Llama-3.1-8B-Instruct"
+    """the agent, which is also its own verifier: a hub id, a local directory, or "tiny-textcraft" (the
+    warm-started tiny CPU agent, built and cached on first use). Agent-R §4: Llama-3.1-8B-Instruct."""
+    recipes: str = "synthetic"
+    """TextCraft's recipe folder (AgentGym's agentenv_textcraft/recipes; the shared data folder
+    textcraft/recipes holds a copy), or "synthetic" (the small world of the CPU default)."""
+    instruction: str | None = None
+    """the first user turn of every episode; default: AgentGym's TextCraft instruction, verbatim. The CPU
+    default uses one line: a tiny model pays for every prompt token and cannot read the long one."""
+    run_dir: str = "runs/agent_r"
+    """metrics.jsonl, samples.jsonl, curves.png, the search trees and trajectories of every iteration, and
+    the checkpoints go here."""
+    resume: bool = False
+    """continue from the last checkpoint in --run-dir (same Args); saved trees and trajectories are reused."""
+    seed: int = 1
+    backend: Literal["hf", "vllm"] = "hf"
+    """sampler for search, critique and evaluation: transformers `generate` (anywhere) or vLLM (GPU; the
+    paper's code uses vLLM)."""
+    vllm_gpu_memory_utilization: float = 0.4
+    """share of GPU memory vLLM may take; the rest holds the model being trained."""
+    dtype: str = "bfloat16"
+    """the model's dtype ("float32" on CPU)."""
+    gradient_checkpointing: bool = True
+    """recompute activations in the backward pass."""
+
+    # ---- tasks ----
+    eval_tasks: tuple[int, ...] = AGENT_R_TEST_TASKS
+    """held-out task indices (goals sorted by (depth, item id)), never searched or trained on. Default:
+    Agent-R's 100 TextCraft test tasks (Table 1: test size 100), all below 544, so distinct goals."""
+    train_pool: int = 544
+    """training tasks are drawn from the indices 0..N-1 that are not held out. An index past the number of
+    goals names the same goal again with another recipe list (order and distractors)."""
+
+    # ---- Phase I: MCTS (§3.1; official mcts_utils/) ----
+    iterations: int = 3
+    """rounds of Phase I + Phase II; the model of round i searches and verifies for round i+1 (§3.3: 3)."""
+    train_tasks: int = 200
+    """tasks searched per round (Table 1, "Simulation #" for TextCraft: 200)."""
+    mcts_iterations: int = 8
+    """root-to-leaf descents per task (ITERA; the authors, issue #3: "can be 8")."""
+    num_generate: int = 4
+    """responses sampled per expansion, duplicates removed (N_GEN; not published; mcts_raw default 4)."""
+    max_depth: int = 10
+    """most actions on a search path; a node at this depth is terminal (MAX_DEPTH; not published;
+    mcts_raw default 10. The official check `depth > MAX_DEPTH` allows one action more)."""
+    uct_c: float = 0.25
+    """UCT exploration constant c (official `coef = 0.25`)."""
+    temperature: float = 1.0
+    """sampling temperature of expansions (TEMP; the official default 1.0)."""
+    max_new_tokens: int = 500
+    """longest agent turn (the official vLLM `max_tokens`)."""
+    search_batch: int = 200
+    """tasks searched together (one batched generation serves all their expansions); their trees are saved
+    when the batch is done, so a killed run loses at most one batch."""
+
+    # ---- Phase I: good/bad pairs and model-guided critique (§3.2; official path_collection.py) ----
+    alpha: float = 0.5
+    """a good trajectory's final reward must exceed alpha ("the lower bound for high-quality trajectories";
+    value not published; TextCraft's reward is 0 or 1)."""
+    beta: float = 0.2
+    """a pair's rewards must differ by more than beta ("the distinguishable gap"; value not published)."""
+    pairs_per_task: int | None = None
+    """at most this many (good, bad) pairs per task, after the official shuffle; None: all of them, as the
+    official code (O(leaves²) per task)."""
+    revision: bool = True
+    """train on revision trajectories (Agent-R); --no-revision trains on good trajectories only, the
+    paper's "optimal trajectories" baseline (Fig. 3)."""
+    transition: Literal["model", "end"] = "model"
+    """t': the first step the model, as verifier, judges Bad (Agent-R's model-guided critique), or the end
+    of the bad trajectory (the Direct-Revision baseline, Table 2)."""
+    verifier_temperature: float = 0.0
+    """sampling temperature of the verifier (not published; the official code samples at TEMP; greedy makes
+    each node's verdict one answer shared by every pair)."""
+    verifier_max_new_tokens: int = 500
+    """longest verifier answer."""
+    revision_thoughts: int = 10
+    """the revision turns draw their thought from the first N of the paper's ten (Table 5: all ten; the
+    official code reaches ten of its twenty)."""
+
+    # ---- Phase II: SFT (§3.3) ----
+    epochs: float = 3.0
+    """passes over each round's data (not published; xtuner's llama3_8b_instruct_full_alpaca_e3: 3)."""
+    lr: float = 2e-5
+    """peak learning rate, AdamW (not published; the xtuner template: 2e-5)."""
+    batch_size: int = 16
+    """conversations per optimizer step (the xtuner template: 1 × 16 accumulation)."""
+    warmup_ratio: float = 0.03
+    """linear warmup over this share of the steps (the xtuner template: 0.03)."""
+    general_data: str | None = None
+    """general chat data mixed into Phase II: a local .jsonl/.json/.parquet of OpenAI `messages` or
+    ShareGPT `conversations` rows (the paper: ShareGPT_Vicuna_unfiltered), or "warm-start" (the tiny CPU
+    agent's own general chats, see `WarmStart`). None: agent data only."""
+    eta: float = 0.2
+    """general conversations per agent trajectory (the paper: η = 0.2)."""
+
+    # ---- evaluation and logging ----
+    eval_max_steps: int = 100
+    """most agent turns of a held-out episode (official eval.py `--max_steps`)."""
+    eval_temperature: float = 0.0
+    """0: greedy. The official eval samples at TEMP (1.0 unless set)."""
+    log_samples: int = 2
+    """held-out episodes written to samples.jsonl per evaluation."""
+
+
+def synthetic_eval_tasks(pool: int = 880) -> tuple[int, ...]:
+    """The CPU default's held-out tasks: every other goal of the synthetic world (all depths), each with a
+    recipe list drawn for an index past the training pool, so never searched or demonstrated (a goal with
+    few recipe lines has few orders: 8 of the 22 lists coincide with a trained task's). The goals
+    themselves are trained: a 1M-parameter model does not compose an unseen goal's plan (it solves none of
+    ten held-out metal goals, before or after training), so the CPU run measures what Agent-R changes
+    within the goals it knows: fewer mistakes and recovery from a forced one."""
+    num_goals = len(CraftingRules(synthetic_recipes()).goals())
+    return tuple(pool + goal for goal in range(0, num_goals, 2))
+
+
+def training_pool(pool_size: int, eval_tasks: Sequence[int]) -> list[int]:
+    """The task indices training draws from: 0..pool_size-1 without the held-out ones."""
+    held_out = set(eval_tasks)
+    pool = [task for task in range(pool_size) if task not in held_out]
+    if not pool:
+        raise ValueError(f"--train-pool {pool_size} leaves no training task once the held-out tasks are removed")
+    return pool
+
+
+def scale_preset(scale: str) -> dict:
+    """Overrides of the Args defaults for a scale, applied before the command line, which wins over them."""
+    if scale == "paper":
+        return {}  # the Args defaults are Agent-R's settings (or the official code's where the paper is silent)
+    return dict(
+        model="tiny-textcraft", recipes="synthetic", instruction=CPU_INSTRUCTION, dtype="float32",
+        gradient_checkpointing=False, eval_tasks=synthetic_eval_tasks(), train_pool=880, train_tasks=16,
+        mcts_iterations=4, num_generate=4, max_depth=10, temperature=0.6, max_new_tokens=48, search_batch=16,
+        pairs_per_task=8, verifier_max_new_tokens=24, revision_thoughts=1, lr=5e-5, batch_size=16,
+        general_data="warm-start", eval_max_steps=12,
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """--scale, then every explicit flag."""
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = tyro.cli(Args, args=argv)  # only to read --scale (and to validate argv)
+    args = tyro.cli(Args, args=argv, default=dataclasses.replace(Args(), **scale_preset(chosen.scale)))
+    if args.scale == "paper" and args.recipes == "synthetic":
+        raise ValueError("--scale paper runs on the real TextCraft recipes: pass --recipes with their folder "
+                         "(AgentGym's agentenv_textcraft/recipes)")
+    if not 1 <= args.revision_thoughts <= len(REVISION_THOUGHTS):
+        raise ValueError(f"--revision-thoughts {args.revision_thoughts}: the paper has {len(REVISION_THOUGHTS)} "
+                         f"revision thoughts; pick 1 to {len(REVISION_THOUGHTS)}")
+    return args
+
+# --------------------------------------------------------------------------------------------------
+# The environment: TextCraft (AgentGym's `agentenv_textcraft`), rules and messages as the original
+# --------------------------------------------------------------------------------------------------
+
+# AgentGym's TextCraft instruction (the first user turn), verbatim; Agent-R's agent answers "Ok."
+TEXTCRAFT_INSTRUCTION = (
+    'You are given few useful crafting recipes to craft items in Minecraft. Crafting commands are of the format '
+    '"craft [target object] using [input ingredients]".\nEvery round I will give you an observation, you have to '
+    'respond an action based on the state and instruction. You can "get" an object (ingredients) from the '
+    'inventory or the environment, look-up the game inventory by "inventory", or "craft" (target) using any of '
+    'the crafting commands.\nYour output must strictly follow this format:"Thought:\\nyour thoughts.\\n\\n'
+    'Action:\\nyour next action"\n\nReminder: \n1. Always specify the quantity when using "get" and "craft" '
+    'commands. - Example of get: get 1 lapis lazuli - Example1 of craft: craft 1 blue dye using 1 lapis lazuli '
+    '- Example2 of craft: craft 1 golden carrot using 8 gold nugget, 1 carrot\n2. When using "get" command, do '
+    'not specify whether the item comes from the inventory or the environment.\n3. You can use ONLY crafting '
+    'commands provided, do not use your own crafting commands. However, if the crafting command uses a generic '
+    'ingredient like "planks", you can use special types of the same ingredient e.g. "dark oak planks" in the '
+    'command instead.\n\n'
+)
+FIRST_REPLY = "Ok."  # Agent-R's `setup_conversation`
+
+
+class Environment(Protocol):
+    """What Agent-R needs from an environment. A second one (WebShop, SciWorld) implements these four
+    members; everything else in this file is environment-agnostic."""
+
+    instruction: str  # the first user turn of every episode
+
+    def num_tasks(self) -> int: ...
+
+    def reset(self, task_index: int) -> str:
+        """Start task `task_index`; return the first observation (the task description)."""
+
+    def step(self, response: str) -> tuple[str, float, bool]:
+        """Execute the model's whole turn ("Thought: ...\\nAction: ..."); return (observation, reward, done)."""
+
+
+class RecipeError(ValueError):
+    """A recipe folder is missing, empty, or holds a file that is not a valid recipe."""
+
+
+@dataclass(frozen=True)
+class Ingredient:
+    name: str  # "minecraft:iron_nugget", or a tag such as "minecraft:planks"
+    count: int
+    is_tag: bool = False
+
+
+@dataclass(frozen=True)
+class Recipe:
+    inputs: tuple[Ingredient, ...]
+    output: str  # item id
+    count: int  # how many one craft makes
+    output_tag: str | None = None  # the recipe's "group", e.g. "minecraft:planks" for oak planks
+
+    @property
+    def text(self) -> str:
+        """The crafting command as TextCraft shows it: "craft 16 rail using 1 stick, 6 iron ingot"."""
+        inputs = ", ".join(f"{i.count} {display_name(i.name)}" for i in self.inputs)
+        return f"craft {self.count} {display_name(self.output)} using {inputs}"
+
+
+def display_name(item_id: str) -> str:
+    return item_id.replace("minecraft:", "").replace("_", " ")
+
+
+def item_id(name: str) -> str:
+    return "minecraft:" + name.replace(" ", "_")
+
+
+def load_recipe_folder(folder: str | Path) -> dict[str, dict]:
+    """Every `*.json` recipe file of `folder` (AgentGym's `agentenv_textcraft/recipes`), by file name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RecipeError(
+            f"the recipe folder {folder} does not exist; pass --recipes with the folder of TextCraft recipe "
+            f"JSON files (AgentGym's agentenv_textcraft/recipes), or --recipes synthetic"
+        )
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        raise RecipeError(f"the recipe folder {folder} holds no .json recipe files")
+    recipes = {}
+    for path in files:
+        try:
+            recipes[path.name] = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RecipeError(f"{path}: not valid JSON ({error}); fix or remove the file") from error
+    return recipes
+
+
+class CraftingRules:
+    """AgentGym's `CraftingTree`: which items are craftable and how, which are fetched, recipe depths.
+
+    Built from Minecraft recipe JSONs as AgentGym builds it: only `crafting_shaped` (each key counted as
+    often as it occurs in the pattern) and `crafting_shapeless` recipes; recipes that turn a single
+    `*_block` back into items are dropped; a recipe whose output is already among its inputs' transitive
+    ingredients is dropped (cycles); a tag ingredient that no craftable item carries (e.g. `oak_logs`)
+    becomes an ordinary item that can be fetched. Files are read in name order, so the cycle rule, which
+    depends on order, gives the same result everywhere.
+    """
+
+    def __init__(self, recipe_jsons: dict[str, dict]):
+        self.recipes: dict[str, list[Recipe]] = {}  # item id -> recipes making it
+        self.tag_recipes: dict[str, list[Recipe]] = {}  # tag -> recipes of the items carrying it
+        self.items: set[str] = set()  # every known item id
+        self.tags: set[str] = set()
+        self.tag_of: dict[str, str] = {}  # item id -> its tag ("group")
+        dependencies: dict[str, set[str]] = {}
+        for source, data in sorted(recipe_jsons.items()):
+            recipe = self._parse(source, data)
+            if recipe is None:
+                continue
+            inputs = [i.name for i in recipe.inputs]
+            if any(recipe.output in dependencies.get(name, ()) for name in inputs):
+                continue  # a cycle
+            self.recipes.setdefault(recipe.output, []).append(recipe)
+            deps = dependencies.setdefault(recipe.output, set())
+            for name in inputs:
+                deps.add(name)
+                deps.update(dependencies.get(name, ()))
+            if recipe.output_tag is not None:
+                self.tag_recipes.setdefault(recipe.output_tag, []).append(recipe)
+        # a tag no craftable item carries is an ordinary (fetchable) item
+        fetchable_tags = {
+            i.name for recipes in self.recipes.values() for r in recipes for i in r.inputs
+            if i.is_tag and not any(self.tag_of.get(item) == i.name for item in self.recipes)
+        }
+        self.tags -= fetchable_tags
+        self.items |= fetchable_tags
+        for output, recipes in self.recipes.items():
+            self.recipes[output] = [self._untag(r, fetchable_tags) for r in recipes]
+        for tag, recipes in self.tag_recipes.items():
+            self.tag_recipes[tag] = [self._untag(r, fetchable_tags) for r in recipes]
+        self._depth: dict[str, int] = {}
+        self.uses: dict[str, list[Recipe]] = {}  # ingredient name -> recipes using it (distractors)
+        for recipes in self.recipes.values():
+            for recipe in recipes:
+                for ingredient in recipe.inputs:
+                    self.uses.setdefault(ingredient.name, []).append(recipe)
+
+    def _parse(self, source: str, data: dict) -> Recipe | None:
+        def bad(why: str) -> RecipeError:
+            return RecipeError(f"{source}: {why}; fix or remove the file")
+
+        if not isinstance(data, dict) or "type" not in data:
+            raise bad("not a Minecraft recipe (no 'type' field)")
+        kind = data["type"]
+        if kind not in ("minecraft:crafting_shaped", "minecraft:crafting_shapeless"):
+            return None  # smelting, stonecutting, ...: not part of TextCraft
+        counts: dict[tuple[str, bool], int] = {}
+        try:
+            if kind == "minecraft:crafting_shaped":
+                pairs = [(entry, sum(line.count(symbol) for line in data["pattern"]))
+                         for symbol, entry in data["key"].items()]
+            else:
+                pairs = [(entry, 1) for entry in data["ingredients"]]
+            for entry, count in pairs:
+                entry = entry[0] if isinstance(entry, list) else entry  # alternatives: AgentGym takes the first
+                if "item" in entry:
+                    key = (entry["item"], False)
+                    self.items.add(entry["item"])
+                elif "tag" in entry:
+                    key = (entry["tag"], True)
+                    self.tags.add(entry["tag"])
+                else:
+                    raise bad(f"an ingredient has neither 'item' nor 'tag': {entry}")
+                counts[key] = counts.get(key, 0) + count
+            result = data["result"]
+            output, made = (result, 1) if isinstance(result, str) else (result["item"], result.get("count") or 1)
+        except (KeyError, TypeError, IndexError) as error:
+            raise bad(f"malformed {kind} recipe ({type(error).__name__}: {error})") from error
+        self.items.add(output)
+        inputs = tuple(Ingredient(name, count, is_tag) for (name, is_tag), count in counts.items())
+        if len(inputs) == 1 and inputs[0].name.endswith("_block"):
+            return None  # block decompression (iron block -> 9 iron ingot) is not used
+        output_tag = None
+        if "group" in data:
+            output_tag = "minecraft:" + data["group"]
+            if output_tag != output:
+                self.tags.add(output_tag)
+                self.tag_of[output] = output_tag
+        return Recipe(inputs, output, made, output_tag)
+
+    @staticmethod
+    def _untag(recipe: Recipe, fetchable_tags: set[str]) -> Recipe:
+        inputs = tuple(Ingredient(i.name, i.count, i.is_tag and i.name not in fetchable_tags) for i in recipe.inputs)
+        return dataclasses.replace(recipe, inputs=inputs)
+
+    def is_craftable(self, name: str) -> bool:
+        return name in self.recipes or name in self.tag_recipes
+
+    def recipes_for(self, name: str) -> list[Recipe]:
+        return self.recipes.get(name) or self.tag_recipes.get(name) or []
+
+    def depth(self, name: str) -> int:
+        """Minimum crafting depth: 0 for fetched items, else min over recipes of 1 + the deepest input."""
+        if name not in self._depth:
+            recipes = self.recipes_for(name)
+            self._depth[name] = min((1 + max(self.depth(i.name) for i in r.inputs) for r in recipes), default=0)
+        return self._depth[name]
+
+    def goals(self) -> list[str]:
+        """Every craftable item, sorted by (depth, item id): task index i names the same goal everywhere.
+        (AgentGym sorts by depth only, so its ties follow the file system's listing order.)"""
+        return sorted(self.recipes, key=lambda item: (self.depth(item), item))
+
+    def recipe_tree(self, goal: str) -> list[Recipe]:
+        """Every recipe that can take part in crafting `goal`, all alternatives and tag members included."""
+        found: dict[Recipe, None] = {}
+
+        def visit(name: str, path: frozenset) -> None:
+            if name in path:
+                return
+            for recipe in self.recipes_for(name):
+                found[recipe] = None
+                for ingredient in recipe.inputs:
+                    visit(ingredient.name, path | {name})
+
+        visit(goal, frozenset())
+        return list(found)
+
+    def variants(self, tag: str) -> list[str]:
+        """The craftable items carrying `tag`, easiest first."""
+        return sorted((item for item, t in self.tag_of.items() if t == tag and item in self.recipes),
+                      key=lambda item: (self.depth(item), item))
+
+
+class TextCraft:
+    """TextCraft (AgentGym `TextCraftEnv` behind its `TextCraftEnvClient`): observations, error messages
+    and the 0/1 reward of the original.
+
+    reset(i) -> "Crafting commands:\\n<recipes>\\n\\nGoal: craft <goal>."  (the goal's recipe tree plus up
+    to 10 distractor recipes sharing its ingredients, shuffled with a seed derived from i).
+    step(response) parses the action as the AgentGym client does: the text after "Action:" up to the
+    line end; more than one "Action:" is refused; characters other than letters, digits, "," and space
+    are dropped; "look" means "inventory". Then the server's rules:
+      get N x                 -> "Got N x", or "Could not find x" (x craftable, a tag, or unknown)
+      craft N x using k a, .. -> "Crafted <n> minecraft:x" when the inputs match one recipe of x exactly and
+                                 are in the inventory (N is not checked: the recipe says how many), else
+                                 "Could not find enough items to craft minecraft:x" /
+                                 "Could not find a valid recipe for ..." / "Wrong item format: .."
+      inventory               -> "Inventory: [item] (n) ..." or "Inventory: You are not carrying anything."
+      anything else           -> "Could not execute <action>"
+    Reward 1 and done when the goal item is obtained; otherwise 0 and not done (no failure state).
+    """
+
+    MAX_DISTRACTORS = 10
+    ERROR_PREFIXES = ("Could not", "Wrong item format", "Error:")
+
+    def __init__(self, rules: CraftingRules, instruction: str = TEXTCRAFT_INSTRUCTION, seed: int = 42):
+        self.rules, self.instruction, self.seed = rules, instruction, seed
+        self.goal_list = rules.goals()
+        self.goal: str | None = None
+        self.inventory: dict[str, int] = {}
+
+    @classmethod
+    def from_source(cls, recipes: str, instruction: str = TEXTCRAFT_INSTRUCTION) -> "TextCraft":
+        """`recipes`: a folder of recipe JSON files, or "synthetic" (the small CPU set below)."""
+        jsons = synthetic_recipes() if recipes == "synthetic" else load_recipe_folder(recipes)
+        return cls(CraftingRules(jsons), instruction)
+
+    def num_tasks(self) -> int:
+        return len(self.goal_list)
+
+    @classmethod
+    def is_error(cls, observation: str) -> bool:
+        """Whether an observation is one of the environment's refusals."""
+        return observation.startswith(cls.ERROR_PREFIXES)
+
+    def reset(self, task_index: int) -> str:
+        self.inventory = {}
+        self.goal = self.goal_list[task_index % len(self.goal_list)]
+        rng = random.Random(f"{self.seed}-{task_index}")
+        tree = self.rules.recipe_tree(self.goal)
+        shown = {r.text for r in tree}
+        distractors = set()
+        for recipe in tree:
+            for ingredient in recipe.inputs:
+                uses = sorted({r.text for r in self.rules.uses.get(ingredient.name, [])})
+                distractors.update(rng.sample(uses, min(len(uses), self.MAX_DISTRACTORS)))
+        distractors = sorted(distractors - shown)
+        lines = sorted(shown) + rng.sample(distractors, min(len(distractors), self.MAX_DISTRACTORS))
+        rng.shuffle(lines)
+        return "Crafting commands:\n{}\n\nGoal: craft {}.".format("\n".join(lines), display_name(self.goal))
+
+    def step(self, response: str) -> tuple[str, float, bool]:
+        actions = re.findall(r"Action:\s*(.*?)(?=\n|$)", response, re.DOTALL)
+        if len(actions) > 1:
+            return "Error: Only one 'Action' is allowed per response. Please adjust your response.", 0.0, False
+        action = re.sub(r"[^A-Za-z0-9, ]+", "", actions[-1] if actions else "")
+        action = " ".join(action.split())
+        if action.lower() == "look":
+            action = "inventory"
+        try:
+            return self._execute(action)
+        except _ActionFailed as failure:
+            return str(failure), 0.0, False
+
+    def _execute(self, action: str) -> tuple[str, float, bool]:
+        if match := re.match(r"craft (.*) using (.*)", action):
+            return self._craft(match.group(1), match.group(2))
+        if match := re.match(r"get ([0-9]+) (.*)", action):
+            amount, name = int(match.group(1)), match.group(2)
+            item = item_id(name)
+            if self.rules.is_craftable(item) or item in self.rules.tags or item not in self.rules.items:
+                raise _ActionFailed(f"Could not find {name}")
+            self.inventory[item] = self.inventory.get(item, 0) + amount
+            return f"Got {amount} {name}", *self._goal_reached(item)
+        if re.match(r"inventory", action):
+            if not self.inventory:
+                return "Inventory: You are not carrying anything.", 0.0, False
+            return "Inventory: " + "".join(f"[{display_name(i)}] ({n}) " for i, n in self.inventory.items()), 0.0, False
+        raise _ActionFailed(f"Could not execute {action}")
+
+    def _craft(self, target: str, inputs_text: str) -> tuple[str, float, bool]:
+        if match := re.match(r"([0-9]+) (.*)", target):
+            target, wanted = match.group(2), int(match.group(1))
+        else:
+            wanted = 1
+        output = item_id(target)
+        output_is_tag = output in self.rules.tags
+        given = []  # (item id or None for a tag, tag or None, count), as the server's ItemTag objects
+        for part in inputs_text.split(","):
+            if not (match := re.match(r"([0-9]+) (.*)", part.strip())):
+                raise _ActionFailed(f"Wrong item format: {part.strip()}")
+            name = item_id(match.group(2))
+            count = int(match.group(1))
+            given.append((None, name, count) if name in self.rules.tags else (name, None, count))
+        output_id = None if output_is_tag else output
+        for name, _, count in given:
+            if name is None or self.inventory.get(name, 0) < count:
+                raise _ActionFailed(f"Could not find enough items to craft {output_id}")
+        recipe = self._matching_recipe(output_id, given)
+        if recipe is None:
+            # the server prints its dataclass: ItemTagWithCount(item_tag=ItemTag(tag=.., item_id=..), count=..)
+            tag, item = (repr(output), None) if output_is_tag else (None, repr(output))
+            raise _ActionFailed(f"Could not find a valid recipe for ItemTagWithCount(item_tag=ItemTag(tag={tag}, "
+                                f"item_id={item}), count={wanted})")
+        for name, _, count in given:
+            self.inventory[name] -= count
+            if self.inventory[name] == 0:
+                del self.inventory[name]
+        self.inventory[recipe.output] = self.inventory.get(recipe.output, 0) + recipe.count
+        return f"Crafted {recipe.count} {recipe.output}", *self._goal_reached(recipe.output)
+
+    def _matching_recipe(self, output: str | None, given: list[tuple]) -> Recipe | None:
+        """The recipe of `output` whose inputs are exactly `given` (counts included); a tag input of the
+        recipe is matched by the tag itself or by any item carrying it."""
+        def fits(ingredient: Ingredient, item: str | None, tag: str | None) -> bool:
+            if ingredient.is_tag:
+                return tag == ingredient.name or self.rules.tag_of.get(item) == ingredient.name
+            return item == ingredient.name
+
+        for recipe in self.rules.recipes.get(output, []):
+            left = list(given)
+            for ingredient in recipe.inputs:
+                match = next((g for g in left if fits(ingredient, g[0], g[1])), None)
+                if match is None or match[2] != ingredient.count:
+                    break
+                left.remove(match)
+            else:
+                if not left:
+                    return recipe
+        return None
+
+    def _goal_reached(self, item: str) -> tuple[float, bool]:
+        return (1.0, True) if item == self.goal else (0.0, False)
+
+
+class _ActionFailed(Exception):
+    """An action the rules refuse; its message is the observation."""
+
+
+def synthetic_recipes() -> dict[str, dict]:
+    """A small TextCraft world for the CPU default, written as Minecraft recipe JSONs (so it goes through
+    the same loader as the real files): 18 fetchable items, 44 craftable ones of depth 1 to 4, a tag
+    (`planks`: oak or birch) and shared ingredients, hence distractor recipes. Each recipe makes exactly
+    what the recipes using it need, so an expert plan crafts every intermediate once (4 to 9 actions).
+    """
+    recipes: dict[str, dict] = {}
+
+    def add(output: str, count: int, inputs: list[tuple[int, str]], group: str | None = None) -> None:
+        ingredients = [{"tag": item_id(name)} if name == "planks" else {"item": item_id(name)}
+                       for n, name in inputs for _ in range(n)]
+        recipe = {"type": "minecraft:crafting_shapeless", "ingredients": ingredients,
+                  "result": {"item": item_id(output), "count": count}}
+        recipes[f"{output.replace(' ', '_')}.json"] = recipe | ({"group": group} if group else {})
+
+    for wood in ("oak", "birch"):
+        add(f"{wood} planks", 2, [(1, f"{wood} logs")], group="planks")
+    add("stick", 2, [(2, "planks")])
+    add("torch", 1, [(2, "stick"), (1, "coal")])
+    for metal in ("iron", "gold", "copper", "tin", "silver"):
+        add(f"{metal} ingot", 2, [(3, f"{metal} nugget")])
+        add(f"{metal} bars", 1, [(2, f"{metal} ingot")])
+        add(f"{metal} gear", 1, [(2, f"{metal} ingot"), (1, "redstone")])
+        add(f"{metal} sword", 1, [(2, f"{metal} ingot"), (2, "stick")])
+        add(f"{metal} lantern", 1, [(2, f"{metal} ingot"), (1, "torch")])
+    add("glass", 1, [(2, "sand")])
+    add("glass pane", 1, [(1, "glass")])
+    add("paper", 1, [(3, "sugar cane")])
+    add("book", 1, [(1, "paper"), (1, "leather")])
+    add("bookshelf", 1, [(2, "planks"), (1, "book")])
+    add("bow", 1, [(2, "stick"), (2, "string")])
+    add("arrow", 1, [(1, "flint"), (2, "stick"), (1, "feather")])
+    add("fishing rod", 1, [(2, "stick"), (1, "string")])
+    add("ladder", 1, [(2, "stick")])
+    add("bowl", 1, [(2, "planks")])
+    add("brick", 1, [(2, "clay ball")])
+    add("flower pot", 1, [(1, "brick")])
+    add("bone meal", 2, [(1, "bone")])
+    add("white dye", 1, [(2, "bone meal")])
+    add("bread", 1, [(3, "wheat")])
+    return recipes
+
+
+# --------------------------------------------------------------------------------------------------
+# The expert: a planner over the recipe graph (warm-start demonstrations and the revision test only)
+# --------------------------------------------------------------------------------------------------
+
+
+def expert_plan(rules: CraftingRules, goal: str) -> list[tuple[str, str]]:
+    """A shortest-depth plan for `goal` from an empty inventory, as (thought, action) pairs.
+
+    Depth-first: for each input of the easiest recipe, obtain it (fetch a base item in one `get`, or
+    craft it recursively; a tag takes its easiest member), then craft as many times as needed. Items
+    made in surplus are reused.
+    """
+    steps: list[tuple[str, str]] = []
+    spare: dict[str, int] = {}
+
+    def obtain(name: str, count: int, parent: str) -> None:
+        reused = min(spare.get(name, 0), count)
+        spare[name] = spare.get(name, 0) - reused
+        missing = count - reused
+        if missing == 0:
+            return
+        if not rules.is_craftable(name):
+            steps.append((f"{display_name(parent)} needs {display_name(name)}.", f"get {missing} {display_name(name)}"))
+            return
+        recipe = min(rules.recipes_for(name), key=lambda r: max(rules.depth(i.name) for i in r.inputs))
+        crafts = math.ceil(missing / recipe.count)
+        chosen = []
+        for ingredient in recipe.inputs:
+            concrete = ingredient.name
+            if ingredient.is_tag:
+                members = rules.variants(ingredient.name)
+                concrete = next((v for v in members if spare.get(v, 0) >= ingredient.count * crafts), members[0])
+            obtain(concrete, ingredient.count * crafts, recipe.output)
+            chosen.append(f"{ingredient.count} {display_name(concrete)}")
+        for _ in range(crafts):
+            steps.append((f"I can craft {display_name(recipe.output)}.",
+                          f"craft {recipe.count} {display_name(recipe.output)} using {', '.join(chosen)}"))
+        spare[recipe.output] = spare.get(recipe.output, 0) + crafts * recipe.count - missing
+
+    obtain(goal, 1, goal)
+    return steps
+
+
+def react_turn(thought: str, action: str) -> str:
+    """One agent turn in Agent-R's ReAct format."""
+    return f"Thought: {thought}\nAction: {action}"
+
+
+def noisy_expert(rules: CraftingRules, goal: str, rng: random.Random) -> tuple[list[tuple[str, str]], int]:
+    """The expert plan with one mistake, and the mistake's index. The mistake is one of the two a
+    beginner makes: fetching an intermediate instead of crafting it ("Could not find ...") or fetching
+    too few of a base item (or the wrong one); the plan then goes on as if nothing had happened, so a
+    later craft fails for want of items."""
+    plan = expert_plan(rules, goal)
+    fetched = sorted(i for i in rules.items if not rules.is_craftable(i) and i not in rules.tags)
+    index = rng.randrange(len(plan) - 1) if len(plan) > 1 else 0  # never the final craft
+    thought, action = plan[index]
+    if match := re.match(r"craft (\d+) (.*) using", action):
+        count, name = match.groups()
+        mistake = (f"I need {name}.", f"get {count} {name}")
+    else:
+        count, name = re.match(r"get (\d+) (.*)", action).groups()
+        if int(count) > 1:
+            mistake = (thought, f"get {int(count) - 1} {name}")
+        else:
+            other = rng.choice([i for i in fetched if i != item_id(name)])
+            mistake = (thought.replace(name, display_name(other)), f"get 1 {display_name(other)}")
+    return plan[:index] + [mistake] + plan[index + 1:], index
+
+
+def failed_prefix(env: TextCraft, task: int, rng: random.Random) -> list[str]:
+    """The responses of an expert start that ends in a mistake: what the revision test forces the
+    model through before it must recover (Table 3)."""
+    env.reset(task)
+    plan, index = noisy_expert(env.rules, env.goal, rng)
+    return [react_turn(thought, action) for thought, action in plan[: index + 1]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Phase I, trajectory search (§3.1): the search tree, UCT selection, backup
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Node:
+    """A search-tree node: the state after the agent turn `response` got `observation` from the
+    environment. The root is the task's start (its observation is the task description)."""
+
+    response: str = ""  # the model's whole turn, "Thought: ...\nAction: ..."
+    observation: str = ""
+    reward: float = 0.0  # the environment's reward for this step
+    depth: int = 0  # actions from the root
+    terminal: bool = False
+    visits: int = 0
+    value: float = 0.0  # sum of the terminal rewards backed up through this node
+    children: list["Node"] = field(default_factory=list)
+    parent: "Node | None" = field(default=None, repr=False)
+
+    @property
+    def action(self) -> str:
+        return action_text(self.response)
+
+    def path(self) -> list["Node"]:
+        """The nodes from the root's child down to this node (the root's path is empty)."""
+        nodes, node = [], self
+        while node.parent is not None:
+            nodes.append(node)
+            node = node.parent
+        return nodes[::-1]
+
+
+def action_text(response: str) -> str:
+    """The action of a ReAct turn: what follows the last "Action:", up to the line end."""
+    return response.split("Action:")[-1].strip().split("\n")[0].strip() if "Action:" in response else ""
+
+
+def uct_score(value: float, visits: int, parent_visits: int, c: float) -> float:
+    """UCT of a child (§3.1; official `MCTSNode.puct`): Q + c·sqrt(ln N_parent / N_child), Q = value/visits;
+    an unvisited child scores +inf so that every child is tried once before any is tried twice."""
+    if visits == 0:
+        return math.inf
+    return value / visits + c * math.sqrt(math.log(parent_visits) / visits)
+
+
+def uct_select(node: Node, c: float, rng: random.Random) -> Node | None:
+    """The non-terminal child of `node` with the highest UCT, ties broken at random; None when every
+    child is terminal (the subtree is exhausted)."""
+    open_children = [child for child in node.children if not child.terminal]
+    if not open_children:
+        return None
+    scores = [uct_score(child.value, child.visits, node.visits, c) for child in open_children]
+    best = max(scores)
+    return rng.choice([child for child, score in zip(open_children, scores) if score == best])
+
+
+def descend(node: Node, c: float, rng: random.Random) -> Node | None:
+    """Follow UCT from `node` down to a node without children (the next to expand). A node whose
+    children are all terminal is marked terminal itself; None when the descent hits one."""
+    while node.children:
+        child = uct_select(node, c, rng)
+        if child is None:
+            node.terminal = True
+            return None
+        node = child
+    return node
+
+
+def backup(node: Node, reward: float) -> None:
+    """Add a terminal node's reward to every node up to the root (official `_backpropagate`), marking
+    a node terminal once all its children are."""
+    while node is not None:
+        node.visits += 1
+        node.value += reward
+        if node.children:
+            node.terminal = all(child.terminal for child in node.children)
+        node = node.parent
+
+
+def tree_to_dict(node: Node) -> dict:
+    return {"response": node.response, "action": node.action, "observation": node.observation,
+            "reward": node.reward, "depth": node.depth, "terminal": node.terminal, "visits": node.visits,
+            "value": node.value, "children": [tree_to_dict(child) for child in node.children]}
+
+
+def tree_from_dict(data: dict, parent: Node | None = None) -> Node:
+    node = Node(data["response"], data["observation"], data["reward"], data["depth"], data["terminal"],
+                data["visits"], data["value"], parent=parent)
+    node.children = [tree_from_dict(child, node) for child in data["children"]]
+    return node
+
+
+def leaf_paths(root: Node) -> list[list[Node]]:
+    """Every root-to-leaf path ending at a terminal node (official `find_leaf_paths`), root excluded."""
+    if root.terminal and not root.children:
+        return [root.path()]
+    return [path for child in root.children for path in leaf_paths(child)]
+
+
+def path_value(path: list[Node]) -> float:
+    """A path's value: its leaf's mean backed-up reward, i.e. the final reward (a leaf is backed up once)."""
+    leaf = path[-1]
+    return leaf.value / leaf.visits if leaf.visits else 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Phase I, good/bad pairs and model-guided critique (§3.2)
+# --------------------------------------------------------------------------------------------------
+
+
+def pair_paths(values: Sequence[float], alpha: float, beta: float, seed: int = 123) -> list[tuple[int, int]]:
+    """(good, bad) index pairs of leaf paths (§3.2; official `pair_leaf_paths`): the good one is of high
+    quality, value > alpha, and better than the bad one by more than the distinguishable gap beta.
+    Every such ordered pair, shuffled with the official seed 123."""
+    pairs = [(i, j) for i, good in enumerate(values) for j, bad in enumerate(values)
+             if i != j and good > alpha and good - bad > beta]
+    random.Random(seed).shuffle(pairs)
+    return pairs
+
+
+VERIFIER_PROMPT = (  # Agent-R Table 4, verbatim; {history} holds one "Action: ..." / "Observation: ..." line each
+    "You are a good verifier of interactive environments. You will be given a history log that memorizes an agent "
+    "interacting with the environment to solve a task. The format of the log is\n###\nAction: Action\n"
+    "Observation: Observation\n###\nLog:\nTask Description: {task}\n{history}\nCurrent Action: {action}\n"
+    "Current Observation: {observation}\nYou need to verify whether the current action is good or bad or uncertain.\n"
+    "- A good action is one that is greatly helpful to solve the task.\n"
+    "- A bad action is one that is greatly harmful to solve the task.\n"
+    "- An uncertain action is one that is neither good nor bad. You cannot judge based on the current information.\n"
+    "You must give reasons first and then give the response with the format: Judgment: <Good or Bad or Uncertain>"
+)
+
+
+def verifier_prompt(task: str, history: Sequence[tuple[str, str]], action: str, observation: str) -> str:
+    """The verifier's question about one step of a bad trajectory, given the steps before it as
+    (action, observation) pairs (Table 4)."""
+    lines = "\n".join(f"Action: {a}\nObservation: {o}" for a, o in history)
+    return VERIFIER_PROMPT.format(task=task, history=lines, action=action, observation=observation)
+
+
+def parse_judgment(text: str) -> str | None:
+    """"good", "bad" or "uncertain" from the verifier's answer, or None when it gives no label.
+
+    Reads the last "Judgment:" label; the paper spells it "Judgment", the official prompt "Judgement",
+    models add bold (**Judgment:** **Bad**). The official parser splits on "Judgement:" only, so a
+    "Judgment:" answer, which usually mentions "good" somewhere, silently counted as Good.
+    """
+    labels = re.findall(r"judge?ment\W*(good|bad|uncertain)", text, re.IGNORECASE)
+    return labels[-1].lower() if labels else None
+
+
+def first_bad_step(judgments: Sequence[str | None]) -> int:
+    """t' (0-based): the first step judged "bad"; the last step when none is (the revision then comes at
+    the end, as Direct-Revision). Only an explicit Bad stops the walk: a missing label is not a verdict."""
+    return next((t for t, judgment in enumerate(judgments) if judgment == "bad"), len(judgments) - 1)
+
+
+REVISION_THOUGHTS = (  # Agent-R Table 5
+    "I realize my approach was flawed. I need to revise it.",
+    "I took the wrong actions. I need to identify the right path.",
+    "My actions were incorrect. I must adjust my strategy.",
+    "I see an error in my actions. I need to fix it.",
+    "My judgment was incorrect. I need to rethink it.",
+    "I overlooked something important. I need to address it.",
+    "I recognize my mistake. Let's find a better solution.",
+    "I recognize my failure. I need to learn and move forward.",
+    "My decision was wrong. I should reevaluate.",
+    "I made an error. I must determine how to correct it.",
+)
+REVISION_ACTION, REVISION_OBSERVATION = "wait", "ok."
+
+
+def revision_trajectory(start: Sequence[dict], bad: Sequence[tuple[str, str]], good: Sequence[tuple[str, str]],
+                        thought: str) -> list[dict]:
+    """The revision trajectory τ^r = [τ^b_{≤t'}, rs, τ^g_{>common prefix}] (§3.2, Fig. 2; official
+    `conversation_generation`), as chat messages with a per-message "loss" flag.
+
+    start: the episode's opening messages (instruction, "Ok.", task description), never trained.
+    bad:   the bad trajectory's (response, observation) turns up to and including t'; context only.
+    good:  the whole good trajectory's turns. The turns it shares with `bad` from the start are skipped;
+           the rest follow the revision signal and are trained.
+    The revision signal rs is an agent turn "Thought: <thought>\\nAction: wait" (trained) answered by
+    "ok." (it is never executed in the environment).
+    """
+    shared = 0
+    while shared < min(len(bad), len(good)) and good[shared][0] == bad[shared][0]:
+        shared += 1
+    messages = [{k: v for k, v in m.items() if k != "loss"} | {"loss": False} for m in start]
+    for response, observation in bad:
+        messages += [{"role": "assistant", "content": response, "loss": False},
+                     {"role": "user", "content": observation, "loss": False}]
+    messages += [{"role": "assistant", "content": react_turn(thought, REVISION_ACTION), "loss": True},
+                 {"role": "user", "content": REVISION_OBSERVATION, "loss": False}]
+    for response, observation in good[shared:]:
+        messages += [{"role": "assistant", "content": response, "loss": True},
+                     {"role": "user", "content": observation, "loss": False}]
+    return messages
+
+
+def good_trajectory(start: Sequence[dict], good: Sequence[tuple[str, str]]) -> list[dict]:
+    """A good trajectory as training messages: every agent turn trained, the opening never."""
+    messages = [{k: v for k, v in m.items() if k != "loss"} | {"loss": False} for m in start]
+    for response, observation in good:
+        messages += [{"role": "assistant", "content": response, "loss": True},
+                     {"role": "user", "content": observation, "loss": False}]
+    return messages
+
+
+def loss_mask(messages: Sequence[dict]) -> list[bool]:
+    """Which messages carry loss (§3.3, Eq. 1): the assistant turns flagged "loss". For a revision
+    trajectory that is the revision turn and the good continuation, never the bad prefix."""
+    return [m["role"] == "assistant" and bool(m.get("loss", False)) for m in messages]
+
+
+def training_example(tokenizer, messages: Sequence[dict]) -> dict:
+    """Token ids and labels of a flagged conversation through the chat template: tokens of untrained
+    messages (bad prefix, observations, opening) are labelled -100."""
+    from common.sft import tokenize_chat
+
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    tokens = tokenize_chat(tokenizer, plain, loss_mask(messages))
+    return {"input_ids": tokens.input_ids, "labels": tokens.labels}
+
+
+# --------------------------------------------------------------------------------------------------
+# Plumbing: the model as agent and verifier, episodes, the batched search and critique
+# --------------------------------------------------------------------------------------------------
+
+
+class Agent:
+    """The current model in its two roles: the policy (next turn of an episode) and the verifier.
+    Requests are batched across tasks; the sampler is transformers `generate` or vLLM."""
+
+    def __init__(self, sampler, max_new_tokens: int, verifier_max_new_tokens: int):
+        self.sampler = sampler
+        self.max_new_tokens, self.verifier_max_new_tokens = max_new_tokens, verifier_max_new_tokens
+
+    def act(self, conversations: Sequence[list[dict]], n: int, temperature: float, seed: int) -> list[list[str]]:
+        """`n` sampled next turns for each conversation."""
+        if not conversations:
+            return []
+        samples = self.sampler.generate(list(conversations), n=n, max_new_tokens=self.max_new_tokens,
+                                        temperature=temperature, top_p=1.0, seed=seed)
+        return [[s.text.strip() for s in samples[i * n:(i + 1) * n]] for i in range(len(conversations))]
+
+    def verify(self, prompts: Sequence[str], temperature: float, seed: int) -> list[str]:
+        """The verifier's answers, one per prompt, each asked as a single user turn (official `revise_worst_path`)."""
+        if not prompts:
+            return []
+        samples = self.sampler.generate([[{"role": "user", "content": p}] for p in prompts], n=1,
+                                        max_new_tokens=self.verifier_max_new_tokens, temperature=temperature,
+                                        top_p=1.0, seed=seed)
+        return [s.text.strip() for s in samples]
+
+
+def opening(env: Environment, task_index: int) -> list[dict]:
+    """An episode's first messages (official `setup_conversation`): instruction, "Ok.", task description."""
+    return [{"role": "user", "content": env.instruction}, {"role": "assistant", "content": FIRST_REPLY},
+            {"role": "user", "content": env.reset(task_index)}]
+
+
+def conversation(start: list[dict], turns: Sequence[tuple[str, str]]) -> list[dict]:
+    messages = list(start)
+    for response, observation in turns:
+        messages += [{"role": "assistant", "content": response}, {"role": "user", "content": observation}]
+    return messages
+
+
+@dataclass
+class Episode:
+    task: int
+    start: list[dict]
+    turns: list[tuple[str, str]] = field(default_factory=list)  # (response, observation), forced prefix included
+    forced: int = 0  # how many of `turns` were given, not generated (the revision test)
+    reward: float = 0.0
+    done: bool = False
+
+
+def run_episodes(agent: Agent, make_env, tasks: Sequence[int], max_steps: int, temperature: float, seed: int,
+                 prefixes: Sequence[Sequence[str]] | None = None) -> list[Episode]:
+    """Play each task until done or `max_steps` generated turns, all tasks in one batch per step.
+
+    With `prefixes`, each episode first executes the given responses (a failed prefix) and the model
+    continues from there (official `perform_test_revise`).
+    """
+    envs, episodes = [], []
+    for i, task in enumerate(tasks):
+        env = make_env()
+        episode = Episode(task, opening(env, task))
+        for response in (prefixes[i] if prefixes else []):
+            observation, episode.reward, episode.done = env.step(response)
+            episode.turns.append((response, observation))
+        episode.forced = len(episode.turns)
+        envs.append(env)
+        episodes.append(episode)
+    for step in range(max_steps):
+        active = [i for i, e in enumerate(episodes) if not e.done]
+        responses = agent.act([conversation(episodes[i].start, episodes[i].turns) for i in active], 1, temperature,
+                              seed + step)
+        for i, (response,) in zip(active, responses):
+            observation, episodes[i].reward, episodes[i].done = envs[i].step(response)
+            episodes[i].turns.append((response, observation))
+    return episodes
+
+
+def repeated_actions(turns: Sequence[tuple[str, str]]) -> int:
+    """Steps that repeat the previous step's action and get the same observation: the agent is stuck in a
+    loop (Fig. 4). An action that legitimately repeats (crafting the same item twice) also counts; the
+    synthetic recipes never need one."""
+    steps = [(action_text(response), observation) for response, observation in turns]
+    return sum(1 for before, now in zip(steps, steps[1:]) if before == now)
+
+
+def replay(make_env, task: int, responses: Sequence[str]):
+    """A fresh environment at the state after `responses` (the environment is not snapshotted; official MCTS
+    replays every action of a node from `reset`)."""
+    env = make_env()
+    env.reset(task)
+    for response in responses:
+        env.step(response)
+    return env
+
+
+def expand(nodes: Sequence[Node], tasks: Sequence[int], starts: Sequence[list[dict]], agent: Agent, make_env,
+           num_generate: int, max_depth: int, temperature: float, seed: int) -> None:
+    """Expansion (§3.1; official `expand`): sample `num_generate` next turns for each node, drop duplicate
+    responses, execute each in the environment; a child is terminal when the environment says done or the
+    path reaches `max_depth` actions; a terminal child's reward is backed up at once."""
+    histories = [[(n.response, n.observation) for n in node.path()] for node in nodes]
+    samples = agent.act([conversation(start, turns) for start, turns in zip(starts, histories)], num_generate,
+                        temperature, seed)
+    for node, task, turns, responses in zip(nodes, tasks, histories, samples):
+        for response in dict.fromkeys(responses):  # deduplicated, first-sampled order
+            env = replay(make_env, task, [r for r, _ in turns])
+            observation, reward, done = env.step(response)
+            depth = node.depth + 1
+            node.children.append(Node(response, observation, reward, depth, done or depth >= max_depth, parent=node))
+        for child in node.children:
+            if child.terminal:
+                backup(child, child.reward)
+
+
+def search(roots: Sequence[Node], tasks: Sequence[int], starts: Sequence[list[dict]], agent: Agent, make_env,
+           iterations: int, num_generate: int, max_depth: int, c: float, temperature: float, seed: int) -> None:
+    """MCTS on several tasks at once (§3.1; official `ExtendedMCTS.search`). Each iteration descends from
+    the root by UCT, expanding every node it reaches, until it hits a terminal node; the descents of all
+    tasks advance together, so one batched generation serves every task's expansion."""
+    rng = random.Random(seed)
+    for iteration in range(iterations):
+        cursors = [i for i, root in enumerate(roots) if not root.terminal]
+        current = {i: roots[i] for i in cursors}
+        wave = 0
+        while current:
+            to_expand = [i for i, node in current.items() if not node.children]
+            expand([current[i] for i in to_expand], [tasks[i] for i in to_expand], [starts[i] for i in to_expand],
+                   agent, make_env, num_generate, max_depth, temperature, seed + 7919 * iteration + wave)
+            wave += 1
+            current = {i: leaf for i, node in current.items()
+                       if (leaf := descend(node, c, rng)) is not None and not leaf.terminal}
+
+
+def critique_and_splice(roots: Sequence[Node], tasks: Sequence[int], starts: Sequence[list[dict]], agent: Agent,
+                        alpha: float, beta: float, pairs_per_task: int | None, transition: str,
+                        verifier_temperature: float, seed: int,
+                        thoughts: Sequence[str] = REVISION_THOUGHTS) -> tuple[list[dict], list[dict]]:
+    """Phase I's data (§3.2; official `path_collection.py`): revision trajectories from (good, bad) pairs
+    and good trajectories, as JSON records.
+
+    For every bad path of a pair the verifier walks its steps in order and stops at the first one it
+    judges Bad (t'); all walks advance together and each node is judged once, however many pairs share
+    it. With transition "end" there is no walk: t' is the last step (Direct-Revision).
+    """
+    rng = random.Random(seed)
+    chosen = []  # (task position, good path, bad path)
+    good_records = []
+    for k, root in enumerate(roots):
+        paths = leaf_paths(root)
+        values = [path_value(p) for p in paths]
+        pairs = pair_paths(values, alpha, beta)[:pairs_per_task]
+        chosen += [(k, paths[i], paths[j]) for i, j in pairs]
+        for path, value in zip(paths, values):
+            if value > alpha:
+                turns = [(n.response, n.observation) for n in path]
+                good_records.append({"task": tasks[k], "reward": value, "messages": good_trajectory(starts[k], turns)})
+
+    verdicts: dict[Node, tuple[str, str | None]] = {}  # node -> (verifier answer, judgment)
+    if transition == "model":
+        walks = {id(bad): (k, bad) for k, _, bad in chosen}.values()
+        pending, step = list(walks), 0
+        while pending:
+            asked = list({id(bad[step]): (k, bad) for k, bad in pending if bad[step] not in verdicts}.values())
+            prompts = [verifier_prompt(starts[k][2]["content"], [(n.action, n.observation) for n in bad[:step]],
+                                       bad[step].action, bad[step].observation) for k, bad in asked]
+            for (k, bad), answer in zip(asked, agent.verify(prompts, verifier_temperature, seed + step)):
+                verdicts[bad[step]] = (answer, parse_judgment(answer))
+            pending = [(k, bad) for k, bad in pending if verdicts[bad[step]][1] != "bad" and step + 1 < len(bad)]
+            step += 1
+
+    revision_records = []
+    for k, good, bad in chosen:
+        if transition == "model":
+            walked = [verdicts[n] for n in bad if n in verdicts]
+            walked = walked[: first_bad_step([j for _, j in walked]) + 1]
+            t_prime = first_bad_step([j for _, j in walked])
+        else:
+            walked, t_prime = [], len(bad) - 1
+        messages = revision_trajectory(starts[k], [(n.response, n.observation) for n in bad[: t_prime + 1]],
+                                       [(n.response, n.observation) for n in good], rng.choice(thoughts))
+        revision_records.append({
+            "task": tasks[k], "messages": messages, "first_bad_step": t_prime + 1, "bad_length": len(bad),
+            "detected": any(j == "bad" for _, j in walked),
+            "verifier": [{"action": n.action, "observation": n.observation, "answer": a, "judgment": j}
+                         for n, (a, j) in zip(bad, walked)],
+        })
+    return revision_records, good_records
+
+
+def evaluate(agent: Agent, make_env, tasks: Sequence[int], max_steps: int, temperature: float,
+             seed: int) -> tuple[dict, list[dict]]:
+    """Held-out metrics: success rate (Table 2), recovery from a forced failed prefix (the revision
+    test, Table 3), repeated-action loops (Fig. 4); and a few episodes as text."""
+    episodes = run_episodes(agent, make_env, tasks, max_steps, temperature, seed)
+    # the same failed prefix for a task in every evaluation and every run
+    prefixes = [failed_prefix(make_env(), task, random.Random(task)) for task in tasks]
+    recoveries = run_episodes(agent, make_env, tasks, max_steps, temperature, seed, prefixes=prefixes)
+    n = len(tasks)
+    metrics = {
+        "eval/success_rate": sum(e.reward for e in episodes) / n,
+        "eval/steps_mean": sum(len(e.turns) for e in episodes) / n,
+        "eval/repeated_actions": sum(repeated_actions(e.turns) for e in episodes) / n,
+        "eval/loop_share": sum(repeated_actions(e.turns) >= 2 for e in episodes) / n,
+        "eval/recovery_rate": sum(e.reward for e in recoveries) / n,
+        "eval/recovery_revision_turns": sum(any(action_text(r) == REVISION_ACTION for r, _ in e.turns[e.forced:])
+                                            for e in recoveries) / n,
+    }
+    samples = [{"kind": kind, "task": e.task, "goal": e.start[2]["content"].rsplit("\n", 1)[-1], "reward": e.reward,
+                "forced": e.forced, "turns": [f"{r} -> {o}" for r, o in e.turns]}
+               for kind, e in (("episode", episodes[0]), ("recovery", recoveries[0]))]
+    return metrics, samples
+
+
+# --------------------------------------------------------------------------------------------------
+# The CPU stand-in for an instruct model: a tiny model warm-started on the planner's demonstrations
+# --------------------------------------------------------------------------------------------------
+
+CPU_INSTRUCTION = "Craft the goal with the crafting commands. Answer with a Thought and an Action."
+CACHE_DIR = Path(__file__).resolve().parent / ".cache"
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """How the tiny CPU agent is made: what Llama-3.1-8B-Instruct brings to the paper, in miniature.
+
+    A fresh tiny Qwen2 is trained by SFT on three kinds of conversation:
+    - expert demonstrations from the planner, a share of which contain one mistake that the
+      demonstration never corrects (so the agent fails sometimes and does not recover);
+    - verifier answers to the paper's prompt, labelled by the environment (a step whose observation is
+      an error is Bad, any other Good): the judging an instruct model can already do;
+    - the ten revision thoughts as plain chat replies: an instruct model can already write these
+      sentences, a fresh tiny model cannot, and learning them from nothing in Phase II swamps it.
+    The last two are the "general chat" of the CPU run (`--general-data warm-start`), mixed into Phase II
+    at η as the paper mixes ShareGPT. Held-out tasks are never demonstrated."""
+
+    recipes: str = "synthetic"
+    instruction: str = CPU_INSTRUCTION
+    held_out: tuple[int, ...] = ()  # held-out task indices inside train_pool: never demonstrated
+    train_pool: int = 880
+    demonstrations: int = 400
+    noise: float = 0.3
+    verifier_examples: int = 400
+    sentence_examples: int = 50
+    hidden_size: int = 128
+    num_layers: int = 4
+    vocab_size: int = 1024
+    steps: int = 350
+    batch_size: int = 16
+    lr: float = 2e-3
+    seed: int = 0
+
+    def key(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def warm_start(config: WarmStart, cache_dir: Path = CACHE_DIR) -> Path:
+    """The directory of the warm-started tiny agent (and its `general.jsonl`), built if missing, cached
+    by config."""
+    import shutil
+
+    import torch
+
+    from common.models import QWEN25_CHAT_TEMPLATE, build_tiny_model, load_policy
+    from common.sft import sft_train
+
+    out_dir = cache_dir / f"tiny-textcraft-{config.key()}"
+    if (out_dir / "warm_start.json").is_file():
+        return out_dir
+    env = TextCraft.from_source(config.recipes, config.instruction)
+    rng = random.Random(config.seed)
+    pool = training_pool(config.train_pool, config.held_out)
+    demonstrations, steps = [], []  # conversations; (task description, history, action, observation)
+    for task in rng.sample(pool, min(config.demonstrations, len(pool))):
+        start = opening(env, task)
+        noisy = rng.random() < config.noise
+        plan = noisy_expert(env.rules, env.goal, rng)[0] if noisy else expert_plan(env.rules, env.goal)
+        turns = []
+        for thought, action in plan:
+            observation, _, _ = env.step(react_turn(thought, action))
+            steps.append((start[2]["content"], [(action_text(r), o) for r, o in turns], action, observation))
+            turns.append((react_turn(thought, action), observation))
+        demonstrations.append(good_trajectory(start, turns))
+    failed = [s for s in steps if TextCraft.is_error(s[3])]
+    worked = [s for s in steps if not TextCraft.is_error(s[3])]
+    half = config.verifier_examples // 2
+    general = []
+    judged = rng.sample(failed, min(half, len(failed))) + rng.sample(worked, min(half, len(worked)))
+    for task, history, action, observation in judged:
+        answer = ("The action failed, so it does not help.\nJudgment: Bad" if TextCraft.is_error(observation)
+                  else "The action worked and moves toward the goal.\nJudgment: Good")
+        general.append([{"role": "user", "content": verifier_prompt(task, history, action, observation)},
+                        {"role": "assistant", "content": answer}])
+    for k in range(config.sentence_examples):
+        general.append([{"role": "user", "content": "Say in one sentence that you made a mistake and will fix it."},
+                        {"role": "assistant", "content": REVISION_THOUGHTS[k % len(REVISION_THOUGHTS)]}])
+
+    corpus = ([TEXTCRAFT_INSTRUCTION, config.instruction, VERIFIER_PROMPT, QWEN25_CHAT_TEMPLATE,
+               react_turn(REVISION_THOUGHTS[0], REVISION_ACTION), REVISION_OBSERVATION] * 20
+              + [env.reset(t) for t in range(env.num_tasks())]
+              + [m["content"] for conversation in demonstrations + general for m in conversation])
+    scratch = cache_dir / f".building-{config.key()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    build_tiny_model(scratch, config.hidden_size, config.num_layers, vocab_size=config.vocab_size, corpus=corpus,
+                     seed=config.seed)
+    model, tokenizer = load_policy(str(scratch))
+    trained = [[m | {"loss": m["role"] == "assistant"} for m in chat] for chat in general]
+    examples = [training_example(tokenizer, m) for m in demonstrations + trained]
+    print(f"warm start: {len(demonstrations)} demonstrations, {len(general)} general chats, {config.steps} SFT steps")
+    torch.manual_seed(config.seed)
+    losses = sft_train(model, examples, config.steps, config.batch_size, config.lr, seed=config.seed)
+    model.save_pretrained(scratch)
+    (scratch / "general.jsonl").write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in general))
+    record = {"config": dataclasses.asdict(config), "final_loss": losses[-1]}
+    (scratch / "warm_start.json").write_text(json.dumps(record, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    scratch.rename(out_dir)
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------------
+# Training: iterations of Phase I (search, critique) and Phase II (SFT)
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_model(args: Args) -> str:
+    if args.model == "tiny-textcraft":
+        # only held-out indices inside the pool change the demonstrations (and so the cache key)
+        held_out = tuple(task for task in args.eval_tasks if task < args.train_pool)
+        return str(warm_start(WarmStart(recipes=args.recipes, instruction=args.instruction or TEXTCRAFT_INSTRUCTION,
+                                        held_out=held_out, train_pool=args.train_pool)))
+    return args.model
+
+
+def resolve_general_data(args: Args, model_path: str) -> str | None:
+    if args.general_data == "warm-start":
+        if args.model != "tiny-textcraft":
+            raise ValueError("--general-data warm-start means the tiny agent's own general chats; it needs "
+                             "--model tiny-textcraft. Pass a chat file (e.g. ShareGPT as .jsonl) instead.")
+        return str(Path(model_path) / "general.jsonl")
+    return args.general_data
+
+
+def load_general_chats(source: str) -> list[list[dict]]:
+    """General chat conversations from a local file or hub id: OpenAI `messages` rows or ShareGPT
+    `conversations` rows (ShareGPT_Vicuna_unfiltered, the paper's general data)."""
+    from common.data import DataError, load_rows
+
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+    chats = []
+    for index, row in enumerate(load_rows(source)):
+        if isinstance(row.get("messages"), list):
+            chat = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        elif isinstance(row.get("conversations"), list):
+            chat = [{"role": roles.get(m.get("from"), ""), "content": m.get("value") or ""}
+                    for m in row["conversations"]]
+        else:
+            raise DataError(f"{source}: row {index} has neither 'messages' nor 'conversations' "
+                            f"(its fields: {sorted(row)})")
+        if any(m["role"] not in roles.values() for m in chat):
+            raise DataError(f"{source}: row {index} has a turn whose role is not user/assistant/system")
+        if any(m["role"] == "assistant" for m in chat):
+            chats.append([m | {"loss": m["role"] == "assistant"} for m in chat])
+    if not chats:
+        raise DataError(f"{source}: no conversation with an assistant turn")
+    return chats
+
+
+def search_trees(tasks: Sequence[int], make_env, agent: Agent, args: Args, tree_dir: Path,
+                 seed: int) -> tuple[list[Node], list[list[dict]]]:
+    """Phase I search for `tasks`, `args.search_batch` tasks at a time; each tree is saved as JSON as soon
+    as its batch is done, and a saved tree is loaded instead of searched again (resume)."""
+    from tqdm.auto import tqdm
+
+    env = make_env()
+    starts = [opening(env, task) for task in tasks]
+    roots: list[Node | None] = []
+    for task, start in zip(tasks, starts):
+        path = tree_dir / f"task-{task:05d}.json"
+        roots.append(tree_from_dict(json.loads(path.read_text())["tree"]) if path.is_file() else None)
+    missing = [k for k, root in enumerate(roots) if root is None]
+    tree_dir.mkdir(parents=True, exist_ok=True)
+    for first in tqdm(range(0, len(missing), args.search_batch), desc="mcts", leave=False):
+        batch = missing[first:first + args.search_batch]
+        for k in batch:
+            roots[k] = Node(observation=starts[k][2]["content"])
+        search([roots[k] for k in batch], [tasks[k] for k in batch], [starts[k] for k in batch], agent, make_env,
+               args.mcts_iterations, args.num_generate, args.max_depth, args.uct_c, args.temperature, seed + first)
+        for k in batch:
+            record = {"task": tasks[k], "opening": starts[k], "tree": tree_to_dict(roots[k])}
+            (tree_dir / f"task-{tasks[k]:05d}.json").write_text(json.dumps(record))
+    return roots, starts
+
+
+def train(args: Args) -> Path:
+    import time
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from common.models import load_policy
+    from common.sampling import HFSampler, VLLMSampler
+    from common.sft import sft_train
+    from common.tracking import RunLog
+
+    accelerator = Accelerator()
+    set_seed(args.seed)
+    run_dir = Path(args.run_dir)
+    checkpoint = latest_checkpoint(run_dir) if args.resume else None
+    if args.resume and checkpoint is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}; run once without --resume first")
+
+    env = TextCraft.from_source(args.recipes, args.instruction or TEXTCRAFT_INSTRUCTION)
+    make_env = lambda: TextCraft(env.rules, env.instruction)  # noqa: E731
+    pool = training_pool(args.train_pool, args.eval_tasks)
+
+    model_path = resolve_model(args)
+    model, tokenizer = load_policy(model_path, args.dtype, args.gradient_checkpointing)
+    model = accelerator.prepare(model)
+    done_iterations = 0
+    if checkpoint is not None:
+        done_iterations = load_checkpoint(accelerator, checkpoint)["step"]
+        accelerator.print(f"resumed from {checkpoint} after iteration {done_iterations}")
+    policy = accelerator.unwrap_model(model)
+    if args.backend == "vllm":
+        sampler = VLLMSampler(str(checkpoint / "policy") if checkpoint else model_path, tokenizer,
+                              gpu_memory_utilization=args.vllm_gpu_memory_utilization, dtype=args.dtype, seed=args.seed)
+    else:
+        sampler = HFSampler(policy, tokenizer)
+    agent = Agent(sampler, args.max_new_tokens, args.verifier_max_new_tokens)
+    general_data = resolve_general_data(args, model_path)
+    general = load_general_chats(general_data) if general_data else []
+    log = RunLog(run_dir, resume_step=done_iterations if checkpoint else None)
+    plotted = ["eval/success_rate", "eval/recovery_rate", "data/first_bad_step", "eval/repeated_actions",
+               "eval/loop_share", "eval/recovery_revision_turns", "search/success_share", "data/detected_share",
+               "data/revision_trajectories", "data/good_trajectories", "sft/loss_last", "time/iteration_s"]
+    title = f"Agent-R ({'revision' if args.revision else 'good only'}, t' = {args.transition}, {args.scale} scale)"
+
+    def held_out(iteration: int) -> dict:
+        metrics, samples = evaluate(agent, make_env, args.eval_tasks, args.eval_max_steps, args.eval_temperature,
+                                    args.seed + 1000 * iteration)
+        log.samples(iteration, samples[: args.log_samples])
+        return metrics
+
+    if done_iterations == 0:
+        log.metrics(0, held_out(0))
+        log.plot(plotted, title=title)
+    for iteration in range(done_iterations + 1, args.iterations + 1):
+        started = time.perf_counter()
+        iteration_dir = run_dir / f"iteration-{iteration}"
+        seed = args.seed * 1_000_003 + iteration
+        tasks = sorted(random.Random(seed).sample(pool, min(args.train_tasks, len(pool))))
+
+        # ---- Phase I.1: MCTS with the current model as policy (§3.1) ----
+        roots, starts = search_trees(tasks, make_env, agent, args, iteration_dir / "trees", seed)
+        search_time = time.perf_counter() - started
+
+        # ---- Phase I.2: good/bad pairs, the model as verifier finds t', revision trajectories (§3.2) ----
+        data_path = iteration_dir / "trajectories.json"
+        if data_path.is_file():
+            data = json.loads(data_path.read_text())
+        else:
+            revision, good = critique_and_splice(roots, tasks, starts, agent, args.alpha, args.beta,
+                                                 args.pairs_per_task, args.transition, args.verifier_temperature, seed,
+                                                 REVISION_THOUGHTS[: args.revision_thoughts])
+            data = {"revision": revision, "good": good}
+            data_path.write_text(json.dumps(data))
+
+        # ---- Phase II: SFT on revision + good trajectories (+ general chats at η), bad prefixes masked (§3.3) ----
+        agent_data = (data["revision"] if args.revision else []) + data["good"]
+        if not agent_data:
+            raise RuntimeError(f"iteration {iteration}: the search found no successful trajectory on {len(tasks)} "
+                               f"tasks, so there is nothing to train on; raise --mcts-iterations or --num-generate")
+        mixed = [r["messages"] for r in agent_data]
+        mixed += random.Random(seed).sample(general, min(len(general), round(args.eta * len(agent_data))))
+        examples = [training_example(tokenizer, m) for m in mixed]
+        steps = max(1, math.ceil(args.epochs * len(examples) / args.batch_size))
+        try:
+            losses = sft_train(policy, examples, steps, args.batch_size, args.lr,
+                               warmup_steps=math.ceil(args.warmup_ratio * steps), seed=seed)
+        except FloatingPointError as error:
+            raise FloatingPointError(
+                f"iteration {iteration}: {error}. The search data of this iteration is saved in {iteration_dir} and "
+                f"the last checkpoint ({checkpoint or 'none yet'}) is intact: lower --lr and continue with --resume."
+            ) from error
+        if args.backend == "vllm":
+            sampler.load_weights(policy.state_dict().items())
+
+        # ---- evaluation on held-out tasks, then the checkpoint that ends the iteration ----
+        paths = [leaf for root in roots for leaf in leaf_paths(root)]
+        revision = data["revision"]
+        metrics = held_out(iteration) | {
+            "search/leaves": len(paths),
+            "search/success_share": sum(path_value(p) > args.alpha for p in paths) / max(1, len(paths)),
+            "search/tasks_solved": sum(root.value > 0 for root in roots) / len(roots),
+            "data/revision_trajectories": len(revision),
+            "data/good_trajectories": len(data["good"]),
+            "data/first_bad_step": sum(r["first_bad_step"] for r in revision) / max(1, len(revision)),
+            "data/bad_length": sum(r["bad_length"] for r in revision) / max(1, len(revision)),
+            "data/detected_share": sum(r["detected"] for r in revision) / max(1, len(revision)),
+            "data/verifier_unlabelled": (sum(v["judgment"] is None for r in revision for v in r["verifier"])
+                                         / max(1, sum(len(r["verifier"]) for r in revision))),
+            "sft/steps": steps,
+            "sft/loss_first": losses[0],
+            "sft/loss_last": losses[-1],
+            "time/search_s": search_time,
+            "time/iteration_s": time.perf_counter() - started,
+        }
+        log.metrics(iteration, metrics)
+        log.plot(plotted, title=title)
+        checkpoint = save_checkpoint(accelerator, run_dir, iteration, {"args": dataclasses.asdict(args)},
+                                     {"policy": model}, tokenizer)
+        shown = ("eval/", "data/first", "search/success")
+        accelerator.print(f"iteration {iteration}: " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items()
+                                                               if k.startswith(shown)))
+    return run_dir
+
+
+if __name__ == "__main__":
+    train(parse_args())

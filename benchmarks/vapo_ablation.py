@@ -76,10 +76,7 @@ def main(args: Args) -> None:
 
 
 def write_outputs(results: dict, out: Path, seeds: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"| setting | held-out accuracy, base → final (mean ± std, {seeds} seeds) | paper AIME24 | command |",
@@ -88,7 +85,8 @@ def write_outputs(results: dict, out: Path, seeds: int) -> None:
         lines.append(f"| {name} | {r['base']:.1%} → **{r['mean']:.1%} ± {r['std']:.1%}** | {r['paper']} | `{r['command']}` |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     for name, r in results.items():
         steps = [e["step"] for e in r["curves"][0]]
         mean = [statistics.mean(c[i]["eval/accuracy"] for c in r["curves"]) for i in range(len(steps))]

@@ -1291,8 +1291,7 @@ def run_irm(args: Args, stage_dir: Path, sft_model: str, targets: Sequence[dict]
                 width = part.response_mask.shape[1]
                 old_logprobs[micro, :width] = response_logprobs(policy, part, logprob_temperature)
                 ref_logprobs[micro, :width] = response_logprobs(reference, part, logprob_temperature)
-                values = token_values(critic, part.input_ids, part.attention_mask, part.position_ids)
-                old_values[micro, :width] = values[:, part.prompt_length - 1 : -1]  # V(s_t) sits before token t
+                old_values[micro, :width] = token_values(critic, part)
 
         # ---- 4. per-token rewards with the KL penalty, then GAE ----
         rewards = kl_penalized_rewards(old_logprobs, ref_logprobs, mask, final_reward, args.kl_coef)
@@ -1312,8 +1311,7 @@ def run_irm(args: Args, stage_dir: Path, sft_model: str, targets: Sequence[dict]
                                                args.clip, total_tokens)
             check_finite(pg_loss, "policy", step, stage_dir)
             accelerator.backward(pg_loss * accelerator.num_processes)
-            values = token_values(critic, part.input_ids, part.attention_mask, part.position_ids)
-            value_loss = ppo_value_loss(values[:, part.prompt_length - 1 : -1], old_values[micro, :width],
+            value_loss = ppo_value_loss(token_values(critic, part), old_values[micro, :width],
                                         returns[micro, :width], m, args.value_clip, total_tokens)
             check_finite(value_loss, "value", step, stage_dir)
             accelerator.backward(value_loss * accelerator.num_processes)

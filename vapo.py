@@ -95,7 +95,7 @@ class Args:
     """samples per optimizer step (VAPO §5.1 item 7: 512), so a rollout of 8192 gives 16 updates."""
     micro_batch_tokens: int = 32768
     """token budget of one forward/backward; memory is bounded by it, not by the mini-batch. Rows are
-    sorted by length and packed, so little of it is padding."""
+    sorted by length and grouped to minimise padding (`micro_batches`)."""
 
     # ---- rollouts ----
     max_new_tokens: int = 20480
@@ -351,19 +351,31 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def micro_batches(lengths: list[int], rows: list[int], token_budget: int) -> list[list[int]]:
-    """Split `rows` into groups whose padded size (rows × longest) fits `token_budget`, sorting by length
-    first so that rows of similar length share a group (little padding)."""
+def micro_batches(lengths: list[int], rows: list[int], token_budget: int, pass_cost: int = 256) -> list[list[int]]:
+    """Split `rows` into micro-batches whose padded size (rows × longest) fits `token_budget`, with as
+    little padding as possible.
+
+    Sorted by length, the best micro-batches are runs of neighbours, and a run's padded size is its row
+    count times its last row's length; dynamic programming picks the runs that minimise the padded
+    tokens plus `pass_cost` tokens per forward pass (a pass has a fixed cost, so one row per pass, which
+    has no padding at all, is not the cheapest). A row longer than the budget gets a pass of its own.
+    """
     ordered = sorted(rows, key=lambda r: lengths[r])
-    groups, current = [], []
-    for r in ordered:
-        if current and (len(current) + 1) * lengths[r] > token_budget:
-            groups.append(current)
-            current = []
-        current.append(r)
-    if current:
-        groups.append(current)
-    return groups
+    n = len(ordered)
+    cost, start_of = [0.0] + [math.inf] * n, [0] * (n + 1)  # best cost of the first j rows; where its last run starts
+    for j in range(1, n + 1):
+        longest = lengths[ordered[j - 1]]
+        for i in range(j - 1, -1, -1):
+            padded = (j - i) * longest
+            if padded > token_budget and j - i > 1:
+                break
+            if cost[i] + padded + pass_cost < cost[j]:
+                cost[j], start_of[j] = cost[i] + padded + pass_cost, i
+    groups, j = [], n
+    while j:
+        groups.append(ordered[start_of[j] : j])
+        j = start_of[j]
+    return groups[::-1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,9 +504,7 @@ def train(args: Args) -> Path:
                 with timed("logprobs"):
                     old_logprobs[rows, :width] = response_logprobs(policy, part, args.temperature)
                 with timed("values"):
-                    v = token_values(critic, part.input_ids, part.attention_mask, part.position_ids)
-                    # V(s_t), the state before response token t, is read at position P + t - 1
-                    old_values[rows, :width] = v[:, part.prompt_length - 1 : -1]
+                    old_values[rows, :width] = token_values(critic, part)
         old_values = old_values * mask
 
         # ---- 4. advantages and returns (§4.1, §4.2) ----
@@ -552,8 +562,7 @@ def train(args: Args) -> Path:
                             sums["approx_kl"] += (((log_ratio.exp() - 1) - log_ratio) * m).sum().item()  # k3
                             sums["entropy"] += (entropy * m).sum().item()
                     with timed("critic"):
-                        v = token_values(critic, part.input_ids, part.attention_mask, part.position_ids)
-                        v = v[:, part.prompt_length - 1 : -1]
+                        v = token_values(critic, part)
                         critic_loss = value_loss(v, old_values[rows, :width], returns[rows, :width], m,
                                                  args.value_clip, n_tokens) * per_process
                         check_finite(critic_loss, "critic", step, run_dir)

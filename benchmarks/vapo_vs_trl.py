@@ -185,8 +185,13 @@ def command(args: Args, system: System, seed: int, run_dir: Path) -> list[str]:
 
 
 def run_one(args: Args, system: System, seed: int) -> dict:
-    """Run one system and seed in a child process; its curve, training time and peak memory."""
+    """Run one system and seed in a child process; its curve, training time and peak memory.
+
+    A run that finished before (its `result.json` exists) is read back, not run again, so a killed
+    benchmark resumes and seeds run on separate machines or cores can be summarised together."""
     run_dir = Path(args.out_dir) / f"{system}-seed{seed}"
+    if (run_dir / "result.json").exists():
+        return json.loads((run_dir / "result.json").read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     with open(run_dir / "stdout.log", "w") as out:
@@ -209,10 +214,12 @@ def run_one(args: Args, system: System, seed: int) -> dict:
     curve = [(r["step"] * rollout, cumulative[r["step"]], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
     lengths = [r["response/length_mean"] for r in rows if r.get("response/length_mean") is not None]
     padding = [r["perf/padding_efficiency"] for r in rows if "perf/padding_efficiency" in r]
-    return {"system": system, "seed": seed, "curve": curve, "train_s": train_s,
-            "samples": args.steps * rollout, "peak_rss_mb": usage.ru_maxrss / 1024,
-            "final_length": lengths[-1] if lengths else None, "min_length": min(lengths) if lengths else None,
-            "padding_efficiency": statistics.mean(padding) if padding else None}
+    result = {"system": system, "seed": seed, "curve": curve, "train_s": train_s,
+              "samples": args.steps * rollout, "peak_rss_mb": usage.ru_maxrss / 1024,
+              "final_length": lengths[-1] if lengths else None, "min_length": min(lengths) if lengths else None,
+              "padding_efficiency": statistics.mean(padding) if padding else None}
+    (run_dir / "result.json").write_text(json.dumps(result))
+    return result
 
 
 def samples_to_target(curve, target: float) -> int | None:
@@ -231,7 +238,7 @@ def summarise(args: Args, runs: list[dict]) -> tuple[list[dict], float]:
             "samples_to_target": statistics.median(reached) if all(x is not None for x in reached) else None,
             "reached": f"{sum(x is not None for x in reached)}/{len(mine)}",
             "us_per_sample": statistics.median(r["train_s"] / r["samples"] * 1e6 for r in mine),
-            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in mine),
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in mine if r["peak_rss_mb"] is not None),
             "final_accuracy": statistics.mean(r["curve"][-1][2] for r in mine),
             "final_accuracy_sd": statistics.pstdev(r["curve"][-1][2] for r in mine),
             "collapsed": sum(r["curve"][-1][2] < 0.02 or (r["final_length"] or 99) <= 3 for r in mine),

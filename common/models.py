@@ -168,14 +168,14 @@ def load_value_model(
     return model
 
 
-def token_values(value_model: PreTrainedModel, input_ids, attention_mask, position_ids) -> torch.Tensor:
-    """V(s_t) for every position: the value head's output, shape (B, L).
+def token_values(value_model: PreTrainedModel, batch) -> torch.Tensor:
+    """V(s_t) for every response token t of a `RolloutBatch`, shape (B, T).
 
-    The value of the state *before* token t is read from position t-1 by the caller, exactly as
-    logprobs of token t come from the logits at t-1.
+    The value of the state *before* token t is read at the position before it, exactly as the
+    log-prob of token t comes from the logits there.
     """
-    out = value_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    return out.logits.squeeze(-1).float()
+    out = value_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return batch.response_states(out.logits.squeeze(-1).float())
 
 
 def _dtype(name: str):

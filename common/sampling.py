@@ -260,50 +260,61 @@ def require_vllm() -> None:
 
 @dataclass
 class RolloutBatch:
-    """Samples laid out as [left-padded prompt | right-padded response], verl's layout.
+    """Samples laid out as whole sequences, [prompt | response | padding], every row starting at column 0.
 
-    Response token j of row i is `input_ids[i, P + j]`; its log-prob comes from the logits at P+j-1.
+    Padding whole sequences on the right (rather than left-padding prompts and right-padding responses)
+    leaves only the difference in total length as padding, so rows sorted by total length pack tightly.
+    Response token t of row i is `input_ids[i, prompt_lengths[i] + t]`; the position just before it holds
+    the logits that predict it and the critic's V(s_t).
     """
 
-    input_ids: torch.Tensor  # (B, P+T)
-    attention_mask: torch.Tensor  # (B, P+T)
-    position_ids: torch.Tensor  # (B, P+T)
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
     response_mask: torch.Tensor  # (B, T) float, 1 on response tokens
-    prompt_length: int  # P
+    prompt_lengths: torch.Tensor  # (B,) long
 
     def to(self, device) -> "RolloutBatch":
         return RolloutBatch(self.input_ids.to(device), self.attention_mask.to(device),
-                            self.position_ids.to(device), self.response_mask.to(device), self.prompt_length)
+                            self.response_mask.to(device), self.prompt_lengths.to(device))
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def response_states(self, per_position: torch.Tensor) -> torch.Tensor:
+        """(B, L, ...) -> (B, T, ...): the entries at the positions just before each response token."""
+        B, L = self.input_ids.shape
+        T = self.response_mask.shape[1]
+        before = self.prompt_lengths.unsqueeze(1) - 1 + torch.arange(T, device=self.input_ids.device)
+        # slots past a row's end point beyond L when its prompt is longer than others'; they are masked
+        before = before.clamp(max=L - 1)
+        return per_position[torch.arange(B, device=before.device).unsqueeze(1), before]
+
+    def response_tokens(self) -> torch.Tensor:
+        """(B, T) the response token ids (padding where a row's response is shorter)."""
+        return self.response_states(torch.cat([self.input_ids[:, 1:], self.input_ids[:, -1:]], dim=1))
+
     def select(self, rows) -> "RolloutBatch":
-        """The given rows, trimmed to the widest prompt and response among them (less padding)."""
+        """The given rows, trimmed to their longest sequence and longest response (less padding)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
-        P, mask = self.prompt_length, self.response_mask[rows]
-        prompt_mask = self.attention_mask[rows, :P]
-        keep_prompt = int(prompt_mask.sum(1).max())
-        keep_response = max(1, int(mask.sum(1).max()))
-        cols = slice(P - keep_prompt, P + keep_response)
-        return RolloutBatch(self.input_ids[rows, cols], self.attention_mask[rows, cols],
-                            self.position_ids[rows, cols], mask[:, :keep_response], keep_prompt)
+        lengths = self.attention_mask[rows].sum(1)
+        prompt_lengths = self.prompt_lengths[rows]
+        keep = int(lengths.max())
+        keep_response = max(1, int((lengths - prompt_lengths).max()))
+        return RolloutBatch(self.input_ids[rows, :keep], self.attention_mask[rows, :keep],
+                            self.response_mask[rows, :keep_response], prompt_lengths)
 
 
 def collate(samples: Sequence[Sample], pad_id: int) -> RolloutBatch:
-    P = max(len(s.prompt_ids) for s in samples)
+    L = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
     T = max(max(len(s.response_ids) for s in samples), 1)
     ids, attention, response_mask = [], [], []
     for s in samples:
-        left, right = P - len(s.prompt_ids), T - len(s.response_ids)
-        ids.append([pad_id] * left + s.prompt_ids + s.response_ids + [pad_id] * right)
-        attention.append([0] * left + [1] * (len(s.prompt_ids) + len(s.response_ids)) + [0] * right)
-        response_mask.append(s.response_mask + [0] * right)
-    attention_mask = torch.tensor(attention)
-    # positions count real tokens only, as `generate` counts them for left-padded prompts
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return RolloutBatch(torch.tensor(ids), attention_mask, position_ids,
-                        torch.tensor(response_mask, dtype=torch.float32), P)
+        real = len(s.prompt_ids) + len(s.response_ids)
+        ids.append(s.prompt_ids + s.response_ids + [pad_id] * (L - real))
+        attention.append([1] * real + [0] * (L - real))
+        response_mask.append(s.response_mask + [0] * (T - len(s.response_ids)))
+    return RolloutBatch(torch.tensor(ids), torch.tensor(attention), torch.tensor(response_mask, dtype=torch.float32),
+                        torch.tensor([len(s.prompt_ids) for s in samples]))
 
 
 def response_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False):
@@ -312,11 +323,9 @@ def response_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with
 
     Computed as logit - logsumexp(logits) so that no (B, T, V) log-softmax copy is kept.
     """
-    P = batch.prompt_length
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=batch.position_ids, use_cache=False).logits
-    logits = logits[:, P - 1 : -1].float() / temperature  # (B, T, V): logits at t-1 predict token t
-    tokens = batch.input_ids[:, P:]
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    logits = batch.response_states(logits).float() / temperature  # (B, T, V): logits at t-1 predict token t
+    tokens = batch.response_tokens()
     log_normalizer = torch.logsumexp(logits, dim=-1)
     logprobs = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - log_normalizer
     if not with_entropy:

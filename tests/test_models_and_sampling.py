@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common.models import load_policy, load_tokenizer, load_value_model, ModelNotFoundError
-from common.sampling import HFSampler, collate, cut_response, response_logprobs, top_p_filter
+from common.sampling import HFSampler, Sample, collate, cut_response, response_logprobs, top_p_filter
 from common.tools import parse_tool_calls
 
 
@@ -78,6 +78,24 @@ def test_sampler_logprobs_match_a_plain_forward_pass(tiny_model_dir):
         logits = model(torch.tensor([s.prompt_ids + s.response_ids])).logits[0, len(s.prompt_ids) - 1 : -1] / temperature
         plain = logits.log_softmax(-1).gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1)
         assert torch.allclose(ours[4, : len(s.response_ids)], plain, atol=1e-4)
+
+
+def test_rollout_batch_layout_hand_example():
+    samples = [Sample(0, [5, 6, 7], [8, 9], "", "stop"), Sample(1, [1], [2, 3, 4, 10], "", "length")]
+    batch = collate(samples, pad_id=0)
+    # whole sequences from column 0, padded on the right only: no padding at all here
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9], [1, 2, 3, 4, 10]]
+    assert batch.attention_mask.tolist() == [[1] * 5, [1] * 5]
+    assert batch.response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert batch.response_tokens().tolist()[1] == [2, 3, 4, 10]
+    assert batch.response_tokens().tolist()[0][:2] == [8, 9]
+    # the entry before response token t: positions 2, 3 for the first row, 0..3 for the second
+    positions = torch.arange(5).repeat(2, 1)
+    assert batch.response_states(positions).tolist() == [[2, 3, 4, 4], [0, 1, 2, 3]]
+    first = batch.select([0])
+    assert first.input_ids.tolist() == [[5, 6, 7, 8, 9]] and first.response_mask.tolist() == [[1, 1]]
+    short = collate([samples[0], Sample(0, [5, 6, 7], [8], "", "stop")], pad_id=0).select([1])
+    assert short.input_ids.tolist() == [[5, 6, 7, 8]] and short.response_tokens().tolist() == [[8]]
 
 
 def test_same_seed_same_samples(tiny_model_dir):

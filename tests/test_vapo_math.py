@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vapo import (aggregate, clipped_policy_loss, explained_variance, gae, length_adaptive_lambda,
+from vapo import (aggregate, clipped_policy_loss, explained_variance, gae, length_adaptive_lambda, micro_batches,
                   positive_nll_loss, value_loss, whiten)
 
 
@@ -191,3 +191,41 @@ def test_whiten_and_explained_variance():
     # a constant prediction explains nothing, whatever the constant
     assert explained_variance(torch.zeros(1, 4), returns, mask) == pytest.approx(0.0, abs=1e-6)
     assert explained_variance(torch.full((1, 4), 0.7), returns, mask) == pytest.approx(0.0, abs=1e-6)
+
+
+def _all_run_partitions(n):
+    """Every way to cut 0..n-1 into consecutive runs."""
+    if n == 0:
+        yield []
+        return
+    for first in range(1, n + 1):
+        for rest in _all_run_partitions(n - first):
+            yield [list(range(first))] + [[first + i for i in run] for run in rest]
+
+
+def test_micro_batches_hand_example():
+    lengths = [10, 50, 12, 48, 11, 100]
+    # 3 passes: [10, 11, 12] pads to 36, [48, 50] to 100, [100] alone (it fills the budget)
+    assert micro_batches(lengths, list(range(6)), token_budget=120, pass_cost=20) == [[0, 4, 2], [3, 1], [5]]
+    # with free passes every row goes alone (no padding); with costly ones, as few as the budget allows
+    assert len(micro_batches(lengths, list(range(6)), token_budget=120, pass_cost=0)) == 6
+    assert micro_batches(lengths, [0, 2, 4], token_budget=1000, pass_cost=1000) == [[0, 4, 2]]
+
+
+def test_micro_batches_are_optimal_and_within_budget():
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        n = 7
+        lengths = torch.randint(1, 40, (n,), generator=generator).tolist()
+        budget, pass_cost = int(torch.randint(40, 120, (1,), generator=generator)), trial % 4 * 10
+        groups = micro_batches(lengths, list(range(n)), budget, pass_cost)
+        assert sorted(r for g in groups for r in g) == list(range(n))
+        assert all(len(g) * max(lengths[r] for r in g) <= budget or len(g) == 1 for g in groups)
+
+        def cost(groups):
+            return sum(len(g) * max(lengths[r] for r in g) + pass_cost for g in groups)
+
+        ordered = sorted(range(n), key=lambda r: lengths[r])
+        feasible = [[[ordered[i] for i in run] for run in p] for p in _all_run_partitions(n)]
+        feasible = [p for p in feasible if all(len(g) * max(lengths[r] for r in g) <= budget for g in p)]
+        assert cost(groups) == min(cost(p) for p in feasible)

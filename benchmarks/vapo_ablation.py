@@ -22,6 +22,7 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import vapo  # noqa: E402
+from common.checkpoint import latest_checkpoint  # noqa: E402
 from common.tracking import read_metrics  # noqa: E402
 
 # (row name, flags, VAPO Table 1 AIME24 avg@32)
@@ -58,7 +59,9 @@ def main(args: Args) -> None:
         for seed in range(1, args.seeds + 1):
             run_dir = out / name.replace("/", "").replace(" ", "-") / f"seed{seed}"
             argv = flags + args.extra + ["--seed", str(seed), "--run-dir", str(run_dir)]
-            vapo.train(vapo.parse_args(argv))
+            # a run with a checkpoint continues from it (a finished one just returns): rerunning the benchmark
+            # resumes where it was killed, and rows run in separate processes can be summarised together
+            vapo.train(vapo.parse_args(argv + ["--resume"] * (latest_checkpoint(run_dir) is not None)))
             evals = [r for r in read_metrics(run_dir) if "eval/accuracy" in r]
             finals.append(evals[-1]["eval/accuracy"])
             curves.append(evals)

@@ -167,9 +167,17 @@ def warm_start(config: WarmStartConfig = WarmStartConfig(), cache_dir: Path = CA
 
     from common.sft import sft_train
 
-    torch.manual_seed(config.seed)
-    sft_train(model, examples, config.max_steps, config.batch_size, config.lr, seed=config.seed,
-              callback=evaluate, progress=progress)
+    # The model kept is chosen at an evaluation, and accuracy can jump by 30 points between two of them, so the
+    # last bits of the arithmetic decide which model is kept: one thread makes them independent of the number
+    # of cores (they still depend on the CPU's instruction set).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(config.seed)
+        sft_train(model, examples, config.max_steps, config.batch_size, config.lr, seed=config.seed,
+                  callback=evaluate, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
     if state["kept"] is None:
         raise RuntimeError(
             f"the warm start never reached held-out accuracy in [{low:.0%}, {high:.0%}] within "

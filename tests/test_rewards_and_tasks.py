@@ -5,6 +5,7 @@ import random
 import time
 
 import pytest
+import torch
 
 from common.rewards import check_choice, check_math_answer, exact_match, extract_boxed, math_equal
 from common.sft import IGNORE_INDEX, tokenize_chat
@@ -113,3 +114,27 @@ def test_warm_start_lands_in_its_accuracy_window_and_is_cached():
     start = time.perf_counter()
     assert warm_start(QUICK_WARM_START, progress=False) == directory  # cached: no training the second time
     assert time.perf_counter() - start < 5
+
+
+def test_warm_start_is_the_same_model_whatever_the_thread_count(tmp_path):
+    """The model kept is picked at an evaluation where accuracy can jump by tens of points, so the build must
+    not depend on the number of threads the caller runs with (and must give that number back)."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    config = replace(QUICK_WARM_START, train_rows=256, eval_rows=8, max_steps=10, eval_every=10,
+                     target_accuracy=0.0, accuracy_window=(0.0, 1.0))
+    threads = torch.get_num_threads()
+    builds = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            builds.append(warm_start(config, cache_dir=tmp_path / f"threads-{n}", progress=False))
+            assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(threads)
+    reports = [json.loads((b / "warm_start.json").read_text()) for b in builds]
+    assert reports[0] == reports[1] and reports[0]["step"] == 10
+    one, two = (load_file(b / "model.safetensors") for b in builds)
+    assert all(torch.equal(one[k], two[k]) for k in one)

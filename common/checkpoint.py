@@ -68,9 +68,10 @@ def load_checkpoint(accelerator, checkpoint: Path) -> dict:
 
 def check_finite(loss, what: str, step: int, run_dir: Path) -> None:
     """Stop on a NaN or infinite loss before it reaches the weights, naming the checkpoint to resume from."""
-    if not math.isfinite(float(loss)):
+    value = float(loss.detach() if hasattr(loss, "detach") else loss)
+    if not math.isfinite(value):
         raise FloatingPointError(
-            f"the {what} loss is {float(loss)} at step {step + 1}; stopping before it reaches the weights. "
+            f"the {what} loss is {value} at step {step + 1}; stopping before it reaches the weights. "
             f"The last checkpoint ({latest_checkpoint(run_dir) or 'none yet'}) is intact: lower the learning "
             f"rate or check the data and rewards, then continue with --resume."
         )

@@ -1110,14 +1110,56 @@ def critique_and_splice(roots: Sequence[Node], tasks: Sequence[int], starts: Seq
     return revision_records, good_records
 
 
+def revision_logprob(model, tokenizer, conversations: Sequence[list[dict]], thoughts: Sequence[str],
+                     batch_size: int = 16) -> list[float]:
+    """log P(the next agent turn is a revision turn | conversation), for each conversation: the log of the
+    summed probability of "Thought: <thought>\nAction: wait" over the revision thoughts in use, end of turn
+    included. Greedy decoding shows a revision turn only once it is the likeliest turn; this shows how far
+    Phase II has moved the model toward one (the paper's revision test, Table 3, counts only the outcome)."""
+    import torch
+    import torch.nn.functional as F
+
+    from common.sft import IGNORE_INDEX, pad_right, tokenize_chat
+
+    rows = []
+    for messages in conversations:
+        for thought in thoughts:
+            chat = [*messages, {"role": "assistant", "content": react_turn(thought, REVISION_ACTION)}]
+            rows.append(tokenize_chat(tokenizer, chat, [False] * len(messages) + [True]))
+    device = next(model.parameters()).device
+    turn_logprobs = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        ids = pad_right([r.input_ids for r in chunk], tokenizer.pad_token_id or 0).to(device)
+        labels = pad_right([r.labels for r in chunk], IGNORE_INDEX).to(device)
+        attention = pad_right([[1] * len(r.input_ids) for r in chunk], 0).to(device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1].float()
+        ce = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
+        turn_logprobs += (-ce.sum(-1)).tolist()
+    per_state = torch.tensor(turn_logprobs).view(len(conversations), len(thoughts))
+    return torch.logsumexp(per_state, dim=-1).tolist()
+
+
+def first_error_state(episode: "Episode") -> list[dict] | None:
+    """The conversation up to the episode's first error observation (where a reflective agent revises), or None."""
+    for k, (_, observation) in enumerate(episode.turns):
+        if TextCraft.is_error(observation):
+            return conversation(episode.start, episode.turns[: k + 1])
+    return None
+
+
 def evaluate(agent: Agent, make_env, tasks: Sequence[int], max_steps: int, temperature: float,
-             seed: int) -> tuple[dict, list[dict]]:
+             seed: int, model, tokenizer, thoughts: Sequence[str]) -> tuple[dict, list[dict]]:
     """Held-out metrics: success rate (Table 2), recovery from a forced failed prefix (the revision
-    test, Table 3), repeated-action loops (Fig. 4); and a few episodes as text."""
+    test, Table 3), how likely a revision turn is at the first error of that test, repeated-action loops
+    (Fig. 4); and a few episodes as text."""
     episodes = run_episodes(agent, make_env, tasks, max_steps, temperature, seed)
     # the same failed prefix for a task in every evaluation and every run
     prefixes = [failed_prefix(make_env(), task, random.Random(task)) for task in tasks]
     recoveries = run_episodes(agent, make_env, tasks, max_steps, temperature, seed, prefixes=prefixes)
+    error_states = [state for e in recoveries if (state := first_error_state(e)) is not None]
+    revision = revision_logprob(model, tokenizer, error_states, thoughts) if error_states else []
     n = len(tasks)
     metrics = {
         "eval/success_rate": sum(e.reward for e in episodes) / n,
@@ -1127,6 +1169,7 @@ def evaluate(agent: Agent, make_env, tasks: Sequence[int], max_steps: int, tempe
         "eval/recovery_rate": sum(e.reward for e in recoveries) / n,
         "eval/recovery_revision_turns": sum(any(action_text(r) == REVISION_ACTION for r, _ in e.turns[e.forced:])
                                             for e in recoveries) / n,
+        "eval/revision_logprob": sum(revision) / len(revision) if revision else float("nan"),
     }
     samples = [{"kind": kind, "task": e.task, "goal": e.start[2]["content"].rsplit("\n", 1)[-1], "reward": e.reward,
                 "forced": e.forced, "turns": [f"{r} -> {o}" for r, o in e.turns]}
@@ -1358,13 +1401,14 @@ def train(args: Args) -> Path:
     general = load_general_chats(general_data) if general_data else []
     log = RunLog(run_dir, resume_step=done_iterations if checkpoint else None)
     plotted = ["eval/success_rate", "eval/recovery_rate", "data/first_bad_step", "eval/repeated_actions",
-               "eval/loop_share", "eval/recovery_revision_turns", "search/success_share", "data/detected_share",
+               "eval/loop_share", "eval/recovery_revision_turns", "eval/revision_logprob", "search/success_share", "data/detected_share",
                "data/revision_trajectories", "data/good_trajectories", "sft/loss_last", "time/iteration_s"]
     title = f"Agent-R ({'revision' if args.revision else 'good only'}, t' = {args.transition}, {args.scale} scale)"
 
     def held_out(iteration: int) -> dict:
         metrics, samples = evaluate(agent, make_env, args.eval_tasks, args.eval_max_steps, args.eval_temperature,
-                                    args.seed + 1000 * iteration)
+                                    args.seed + 1000 * iteration, policy, tokenizer,
+                                    REVISION_THOUGHTS[: args.revision_thoughts])
         log.samples(iteration, samples[: args.log_samples])
         return metrics
 

@@ -293,6 +293,51 @@ def test_loss_mask_labels_the_revision_and_good_suffix_and_masks_the_bad_prefix(
     assert len(example["input_ids"]) == len(example["labels"])
 
 
+def test_revision_logprob_matches_a_token_by_token_loop_and_sums_over_thoughts(tiny_model_dir):
+    """Against the obvious computation: render the context with the generation prompt, then score the
+    revision turn and its end-of-turn token one token at a time; the thoughts' probabilities add up."""
+    import math
+
+    import torch
+
+    from common.models import load_policy
+
+    model, tokenizer = load_policy(str(tiny_model_dir))
+    thoughts = agent_r.REVISION_THOUGHTS[:2]
+    contexts = [conversation_upto(BAD), conversation_upto(BAD[:1]), conversation_upto(GOOD)]
+
+    def loop(context, thought):
+        ids = tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(ids, add_special_tokens=False)["input_ids"]
+        turn = tokenizer(react_turn(thought, "wait") + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        total = 0.0
+        for token in turn:
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0, -1].double()
+            total += (logits.log_softmax(-1)[token]).item()
+            ids = ids + [token]
+        return total
+
+    expected = [math.log(sum(math.exp(loop(c, t)) for t in thoughts)) for c in contexts]
+    for batch_size in (1, 16):  # padding changes nothing
+        got = agent_r.revision_logprob(model, tokenizer, contexts, thoughts, batch_size=batch_size)
+        assert got == pytest.approx(expected, abs=1e-3)
+    single = agent_r.revision_logprob(model, tokenizer, contexts[:1], thoughts[:1])
+    assert single == pytest.approx([loop(contexts[0], thoughts[0])], abs=1e-3)
+
+
+def test_first_error_state_is_the_conversation_up_to_the_first_error_observation():
+    episode = agent_r.Episode(0, START, turns=[(SHARED[0], SHARED[1]), (BAD[1][0], BAD[1][1]),
+                                               (act("inventory"), "Could not find iron bars")])
+    state = agent_r.first_error_state(episode)
+    assert state[-1] == {"role": "user", "content": BAD[1][1]} and len(state) == len(START) + 4
+    assert agent_r.first_error_state(agent_r.Episode(0, START, turns=list(GOOD))) is None
+
+
+def conversation_upto(turns):
+    return agent_r.conversation(START, turns)
+
+
 def test_critique_finds_the_first_bad_step_and_shares_verdicts(synthetic_env):
     """A hand-made tree: one good path and two bad ones that fail at their second step."""
     root = Node(observation=START[2]["content"])

@@ -4,6 +4,9 @@
     python benchmarks/tl_training_ablation.py --rows "plain SFT" "all three" --seeds 1
     python benchmarks/tl_training_ablation.py --rows all               # also the paper's pairwise rows
 
+Finished runs are read back from --out-dir, so rows can be run in parallel processes (pin each to a core with
+`taskset` and OMP_NUM_THREADS=1) and the table then assembled by one more call with every row.
+
 Each row is one `tl_training.py` command line (printed in the table). All rows train on the same data (the
 synthetic task of each seed) for the same SFT steps; the rows with IRM add the same PPO steps. The score is
 the held-out greedy accuracy at the paper's three levels (tool selection TS, parameter identification PI,
@@ -53,12 +56,15 @@ class Args:
     out_dir: str = "runs/tl_training_ablation"
 
 
-def run(argv: list[str]) -> tuple[dict, float]:
-    """One tl_training.py run; its last stage's evaluation and its wall time."""
-    start = time.perf_counter()
-    run_dir = tl_training.train(tl_training.parse_args(argv))
+def finished_or_run(run_dir: Path, argv: list[str]) -> tuple[dict, float]:
+    """The last stage's evaluation and the wall time of one tl_training.py run, read back when `run_dir` holds a
+    finished one (so a killed benchmark, or rows run in parallel processes, are completed without rerunning)."""
+    if not (run_dir / "seconds.json").is_file():
+        start = time.perf_counter()
+        tl_training.train(tl_training.parse_args(argv))
+        (run_dir / "seconds.json").write_text(json.dumps(time.perf_counter() - start))
     evaluations = json.loads((run_dir / "evaluations.json").read_text())
-    return list(evaluations.values())[-1], time.perf_counter() - start
+    return list(evaluations.values())[-1], json.loads((run_dir / "seconds.json").read_text())
 
 
 def main(args: Args) -> None:
@@ -69,19 +75,16 @@ def main(args: Args) -> None:
         sft_flags, with_irm, _, _ = ROWS[name]
         results[name] = {"scores": [], "seconds": []}
         for seed in range(1, args.seeds + 1):
-            common = ["--seed", str(seed), *args.extra]
-            sft_dir = out / "sft" / "_".join(sft_flags).replace("--", "") / f"seed{seed}"
+            # the plain-SFT baseline is a row of its own, not retrained beside every row
+            common = ["--seed", str(seed), "--no-compare-plain-sft", *args.extra]
             # the SFT-only run of these flags, done once and shared by the row with IRM on top of it
-            if not (sft_dir / "evaluations.json").is_file():
-                sft_result = run(sft_flags + common + ["--run-dir", str(sft_dir)])
-                (sft_dir / "seconds.json").write_text(json.dumps(sft_result[1]))
-            sft_seconds = json.loads((sft_dir / "seconds.json").read_text())
-            evaluation = list(json.loads((sft_dir / "evaluations.json").read_text()).values())[-1]
-            seconds = sft_seconds
+            sft_dir = out / "sft" / "_".join(sft_flags).replace("--", "") / f"seed{seed}"
+            evaluation, seconds = finished_or_run(sft_dir, sft_flags + common + ["--run-dir", str(sft_dir)])
             if with_irm:
                 irm_dir = out / name.replace(" ", "").replace("+", "_") / f"seed{seed}"
-                evaluation, irm_seconds = run(["--stages", "irm", "--model", str(sft_dir / "sft" / "model"), *common,
-                                               "--run-dir", str(irm_dir)])
+                evaluation, irm_seconds = finished_or_run(
+                    irm_dir, ["--stages", "irm", "--model", str(sft_dir / "sft" / "model"), *common,
+                              "--run-dir", str(irm_dir)])
                 seconds += irm_seconds
             results[name]["scores"].append({level: evaluation[f"eval/{level}"] for level in LEVELS})
             results[name]["seconds"].append(seconds)

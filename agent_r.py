@@ -181,7 +181,7 @@ def scale_preset(scale: str) -> dict:
         model="tiny-textcraft", recipes="synthetic", instruction=CPU_INSTRUCTION, dtype="float32",
         gradient_checkpointing=False, eval_tasks=synthetic_eval_tasks(), train_pool=880, train_tasks=16,
         mcts_iterations=4, num_generate=4, max_depth=10, temperature=0.6, max_new_tokens=48, search_batch=16,
-        pairs_per_task=8, verifier_max_new_tokens=24, revision_thoughts=1, lr=5e-5, batch_size=16,
+        pairs_per_task=8, verifier_max_new_tokens=24, revision_thoughts=1, lr=5e-4, batch_size=16,
         general_data="warm-start", eval_max_steps=12,
     )
 
@@ -961,6 +961,16 @@ def conversation(start: list[dict], turns: Sequence[tuple[str, str]]) -> list[di
     return messages
 
 
+def act_in(env: Environment, response: str) -> tuple[str, float, bool]:
+    """One agent turn in `env`. A revision turn (`Action: wait`) is answered "ok." and not executed, as in the
+    revision trajectories the model is trained on. (The official harness sends it to the environment, where
+    TextCraft answers "Could not execute wait": an error observation, never seen after a revision turn in
+    training, after which the tiny CPU agent revises again and again.)"""
+    if action_text(response) == REVISION_ACTION:
+        return REVISION_OBSERVATION, 0.0, False
+    return env.step(response)
+
+
 @dataclass
 class Episode:
     task: int
@@ -983,7 +993,7 @@ def run_episodes(agent: Agent, make_env, tasks: Sequence[int], max_steps: int, t
         env = make_env()
         episode = Episode(task, opening(env, task))
         for response in (prefixes[i] if prefixes else []):
-            observation, episode.reward, episode.done = env.step(response)
+            observation, episode.reward, episode.done = act_in(env, response)
             episode.turns.append((response, observation))
         episode.forced = len(episode.turns)
         envs.append(env)
@@ -993,7 +1003,7 @@ def run_episodes(agent: Agent, make_env, tasks: Sequence[int], max_steps: int, t
         responses = agent.act([conversation(episodes[i].start, episodes[i].turns) for i in active], 1, temperature,
                               seed + step)
         for i, (response,) in zip(active, responses):
-            observation, episodes[i].reward, episodes[i].done = envs[i].step(response)
+            observation, episodes[i].reward, episodes[i].done = act_in(envs[i], response)
             episodes[i].turns.append((response, observation))
     return episodes
 
@@ -1012,22 +1022,22 @@ def replay(make_env, task: int, responses: Sequence[str]):
     env = make_env()
     env.reset(task)
     for response in responses:
-        env.step(response)
+        act_in(env, response)
     return env
 
 
 def expand(nodes: Sequence[Node], tasks: Sequence[int], starts: Sequence[list[dict]], agent: Agent, make_env,
            num_generate: int, max_depth: int, temperature: float, seed: int) -> None:
     """Expansion (§3.1; official `expand`): sample `num_generate` next turns for each node, drop duplicate
-    responses, execute each in the environment; a child is terminal when the environment says done or the
-    path reaches `max_depth` actions; a terminal child's reward is backed up at once."""
+    responses, execute each in the environment (a revision turn: see `act_in`); a child is terminal when the
+    environment says done or the path reaches `max_depth` actions; a terminal child's reward is backed up at once."""
     histories = [[(n.response, n.observation) for n in node.path()] for node in nodes]
     samples = agent.act([conversation(start, turns) for start, turns in zip(starts, histories)], num_generate,
                         temperature, seed)
     for node, task, turns, responses in zip(nodes, tasks, histories, samples):
         for response in dict.fromkeys(responses):  # deduplicated, first-sampled order
             env = replay(make_env, task, [r for r, _ in turns])
-            observation, reward, done = env.step(response)
+            observation, reward, done = act_in(env, response)
             depth = node.depth + 1
             node.children.append(Node(response, observation, reward, depth, done or depth >= max_depth, parent=node))
         for child in node.children:
@@ -1401,8 +1411,9 @@ def train(args: Args) -> Path:
     general = load_general_chats(general_data) if general_data else []
     log = RunLog(run_dir, resume_step=done_iterations if checkpoint else None)
     plotted = ["eval/success_rate", "eval/recovery_rate", "data/first_bad_step", "eval/repeated_actions",
-               "eval/loop_share", "eval/recovery_revision_turns", "eval/revision_logprob", "search/success_share", "data/detected_share",
-               "data/revision_trajectories", "data/good_trajectories", "sft/loss_last", "time/iteration_s"]
+               "eval/loop_share", "eval/recovery_revision_turns", "eval/revision_logprob", "search/success_share",
+               "data/detected_share", "data/revision_trajectories", "data/good_trajectories", "sft/loss_last",
+               "time/iteration_s"]
     title = f"Agent-R ({'revision' if args.revision else 'good only'}, t' = {args.transition}, {args.scale} scale)"
 
     def held_out(iteration: int) -> dict:

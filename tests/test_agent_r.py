@@ -406,6 +406,18 @@ def test_held_out_tasks_are_never_in_the_training_pool(synthetic_env):
     assert sum(synthetic_env.reset(t) not in recipe_lists for t in cpu.eval_tasks) == 14
 
 
+def test_a_revision_turn_is_answered_ok_and_not_executed_as_in_training(synthetic_env):
+    """At test time and in the search the revision turn gets the observation its training data shows, not
+    TextCraft's "Could not execute wait"; every other turn is the environment's."""
+    env = TextCraft(synthetic_env.rules, synthetic_env.instruction)
+    env.reset(0)
+    before = env.step(act("inventory"))
+    assert agent_r.act_in(env, react_turn(agent_r.REVISION_THOUGHTS[3], "wait")) == ("ok.", 0.0, False)
+    assert env.step(act("inventory")) == before  # nothing happened in the environment
+    assert agent_r.act_in(env, act("wait now")) == env.step(act("wait now"))  # not the revision action
+    assert "Could not execute" in env.step(act("wait"))[0]
+
+
 def test_repeated_actions_count_steps_that_repeat_action_and_observation():
     turns = [(act("get 1 a"), "Got 1 a"), (act("get 1 a"), "Got 1 a"),  # the thought does not matter, only the action
              (act("craft 1 b using 1 c"), "Could not find enough items to craft minecraft:b"),

@@ -4,8 +4,10 @@
     python benchmarks/tl_training_ablation.py --rows "plain SFT" "all three" --seeds 1
     python benchmarks/tl_training_ablation.py --rows all               # also the paper's pairwise rows
 
-Finished runs are read back from --out-dir, so rows can be run in parallel processes (pin each to a core with
-`taskset` and OMP_NUM_THREADS=1) and the table then assembled by one more call with every row.
+Finished runs are read back from --out-dir, so more seeds only run the new ones, and rows can be run in
+parallel processes (pin each to a core with `taskset` and OMP_NUM_THREADS=1; keep a row with IRM in the same
+process as the SFT-only row it starts from, e.g. "plain SFT" with "+IRM") and the table then assembled by one
+more call with every row.
 
 Each row is one `tl_training.py` command line (printed in the table). All rows train on the same data (the
 synthetic task of each seed) for the same SFT steps; the rows with IRM add the same PPO steps. The score is

@@ -1127,26 +1127,24 @@ def revision_logprob(model, tokenizer, conversations: Sequence[list[dict]], thou
     included. Greedy decoding shows a revision turn only once it is the likeliest turn; this shows how far
     Phase II has moved the model toward one (the paper's revision test, Table 3, counts only the outcome)."""
     import torch
-    import torch.nn.functional as F
 
-    from common.sft import IGNORE_INDEX, pad_right, tokenize_chat
+    from common.sampling import Sample, collate, response_logprobs
+    from common.sft import IGNORE_INDEX, tokenize_chat
 
-    rows = []
+    samples = []  # one per (conversation, thought): the context as prompt, the revision turn as response
     for messages in conversations:
         for thought in thoughts:
             chat = [*messages, {"role": "assistant", "content": react_turn(thought, REVISION_ACTION)}]
-            rows.append(tokenize_chat(tokenizer, chat, [False] * len(messages) + [True]))
+            tokens = tokenize_chat(tokenizer, chat, [False] * len(messages) + [True])
+            trained = [i for i, label in enumerate(tokens.labels) if label != IGNORE_INDEX]
+            samples.append(Sample(0, tokens.input_ids[:trained[0]], tokens.input_ids[trained[0]:trained[-1] + 1],
+                                  "", "stop"))
     device = next(model.parameters()).device
     turn_logprobs = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        ids = pad_right([r.input_ids for r in chunk], tokenizer.pad_token_id or 0).to(device)
-        labels = pad_right([r.labels for r in chunk], IGNORE_INDEX).to(device)
-        attention = pad_right([[1] * len(r.input_ids) for r in chunk], 0).to(device)
+    for i in range(0, len(samples), batch_size):
+        batch = collate(samples[i:i + batch_size], tokenizer.pad_token_id or 0).to(device)
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1].float()
-        ce = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
-        turn_logprobs += (-ce.sum(-1)).tolist()
+            turn_logprobs += (response_logprobs(model, batch) * batch.response_mask).sum(-1).tolist()
     per_state = torch.tensor(turn_logprobs).view(len(conversations), len(thoughts))
     return torch.logsumexp(per_state, dim=-1).tolist()
 

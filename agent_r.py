@@ -135,6 +135,9 @@ class Args:
     """peak learning rate, AdamW (not published; the xtuner template: 2e-5)."""
     batch_size: int = 16
     """conversations per optimizer step (the xtuner template: 1 × 16 accumulation)."""
+    micro_batch_size: int = 1
+    """conversations per forward/backward, a batch sorted by length: memory and padding are bounded by it,
+    the loss and gradient are the whole batch's (the xtuner template: per-device batch 1)."""
     warmup_ratio: float = 0.03
     """linear warmup over this share of the steps (the xtuner template: 0.03)."""
     general_data: str | None = None
@@ -181,7 +184,7 @@ def scale_preset(scale: str) -> dict:
         model="tiny-textcraft", recipes="synthetic", instruction=CPU_INSTRUCTION, dtype="float32",
         gradient_checkpointing=False, eval_tasks=synthetic_eval_tasks(), train_pool=880, train_tasks=16,
         mcts_iterations=4, num_generate=4, max_depth=10, temperature=0.6, max_new_tokens=48, search_batch=16,
-        pairs_per_task=8, verifier_max_new_tokens=24, revision_thoughts=1, lr=5e-4, batch_size=16,
+        pairs_per_task=8, verifier_max_new_tokens=24, revision_thoughts=1, lr=5e-4, batch_size=16, micro_batch_size=4,
         general_data="warm-start", eval_max_steps=12,
     )
 
@@ -1220,6 +1223,7 @@ class WarmStart:
     vocab_size: int = 1024
     steps: int = 350
     batch_size: int = 16
+    micro_batch_size: int = 4
     lr: float = 2e-3
     seed: int = 0
 
@@ -1283,7 +1287,8 @@ def warm_start(config: WarmStart, cache_dir: Path = CACHE_DIR) -> Path:
     examples = [training_example(tokenizer, m) for m in demonstrations + trained]
     print(f"warm start: {len(demonstrations)} demonstrations, {len(general)} general chats, {config.steps} SFT steps")
     torch.manual_seed(config.seed)
-    losses = sft_train(model, examples, config.steps, config.batch_size, config.lr, seed=config.seed)
+    losses = sft_train(model, examples, config.steps, config.batch_size, config.lr, seed=config.seed,
+                       micro_batch_size=config.micro_batch_size)
     model.save_pretrained(scratch)
     (scratch / "general.jsonl").write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in general))
     record = {"config": dataclasses.asdict(config), "final_loss": losses[-1]}
@@ -1456,7 +1461,8 @@ def train(args: Args) -> Path:
         steps = max(1, math.ceil(args.epochs * len(examples) / args.batch_size))
         try:
             losses = sft_train(policy, examples, steps, args.batch_size, args.lr,
-                               warmup_steps=math.ceil(args.warmup_ratio * steps), seed=seed)
+                               warmup_steps=math.ceil(args.warmup_ratio * steps), seed=seed,
+                               micro_batch_size=args.micro_batch_size)
         except FloatingPointError as error:
             raise FloatingPointError(
                 f"iteration {iteration}: {error}. The search data of this iteration is saved in {iteration_dir} and "

@@ -1,6 +1,6 @@
 """Supervised fine-tuning plumbing: chat conversations to token ids with per-message loss masks, and
-a small training loop. The papers' own losses (TL-Training's key-token weights, Agent-R's masks) are
-computed in their scripts and passed in; this module only tokenizes, batches and steps.
+a small training loop. The papers' own masks (Agent-R's) are computed in their scripts and arrive as labels;
+this module only tokenizes, batches and steps.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def pad_right(rows: Sequence[Sequence], value) -> torch.Tensor:
     return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows])
 
 
-def token_mean_cross_entropy(logits, labels, weights=None) -> torch.Tensor:
+def token_mean_cross_entropy(logits, labels) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled tokens (the usual SFT loss)."""
     shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
     ce = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
@@ -79,7 +79,9 @@ def token_mean_cross_entropy(logits, labels, weights=None) -> torch.Tensor:
     return (ce * mask).sum() / mask.sum().clamp(min=1)
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+def labelled_tokens(example: dict) -> int:
+    """How many of the example's tokens the loss counts (next-token targets that are labelled)."""
+    return sum(label != IGNORE_INDEX for label in example["labels"][1:])
 
 
 def sft_train(
@@ -91,15 +93,18 @@ def sft_train(
     warmup_steps: int = 20,
     weight_decay: float = 0.0,
     grad_clip: float = 1.0,
-    loss_fn: LossFn = token_mean_cross_entropy,
     seed: int = 0,
     callback: Callable[[int, float], bool] | None = None,
     progress: bool = True,
+    micro_batch_size: int | None = None,
 ) -> list[float]:
-    """Train `model` on `examples` for `steps` optimizer steps; returns the per-step losses.
+    """Train `model` on `examples` (dicts with `input_ids` and `labels`) for `steps` optimizer steps; returns
+    the per-step losses, each the token mean over its batch.
 
-    Each example is a dict with `input_ids`, `labels` and optionally `weights` (a per-token weight
-    list, aligned with `input_ids`). Batches are sampled with replacement from a seeded generator.
+    Batches are sampled with replacement from a seeded generator. With `micro_batch_size`, a batch is sorted by
+    length and run `micro_batch_size` examples per forward/backward, each weighted by its share of the batch's
+    labelled tokens: the same loss and gradient as the whole batch at once, with the padding of a few similar
+    lengths instead of the longest of the batch, and memory bounded by the micro-batch.
     `callback(step, loss)` runs after every step; returning True stops training early.
     """
     device = next(model.parameters()).device
@@ -111,23 +116,29 @@ def sft_train(
     model.train()
     for step in tqdm(range(steps), desc="sft", disable=not progress, leave=False):
         batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
-        input_ids = pad_right([e["input_ids"] for e in batch], pad_id).to(device)
-        labels = pad_right([e["labels"] for e in batch], IGNORE_INDEX).to(device)
-        attention_mask = pad_right([[1] * len(e["input_ids"]) for e in batch], 0).to(device)
-        weights = None
-        if "weights" in batch[0]:
-            weights = pad_right([e["weights"] for e in batch], 0.0).float().to(device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        loss = loss_fn(logits, labels, weights)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"SFT loss is {loss.item()} at step {step}; lower the learning rate ({lr})")
+        if micro_batch_size:
+            batch.sort(key=lambda e: len(e["input_ids"]))
+        size = micro_batch_size or batch_size
+        micro_batches = [batch[i : i + size] for i in range(0, batch_size, size)]
+        batch_tokens = max(1, sum(labelled_tokens(e) for e in batch))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_sum = 0.0
+        for micro in micro_batches:
+            input_ids = pad_right([e["input_ids"] for e in micro], pad_id).to(device)
+            labels = pad_right([e["labels"] for e in micro], IGNORE_INDEX).to(device)
+            attention_mask = pad_right([[1] * len(e["input_ids"]) for e in micro], 0).to(device)
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            share = sum(labelled_tokens(e) for e in micro) / batch_tokens if len(micro_batches) > 1 else 1.0
+            loss = token_mean_cross_entropy(logits, labels) * share
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"SFT loss is {loss.item()} at step {step}; lower the learning rate ({lr})")
+            loss.backward()
+            loss_sum += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         schedule.step()
-        losses.append(loss.item())
-        if callback is not None and callback(step, loss.item()):
+        losses.append(loss_sum)
+        if callback is not None and callback(step, loss_sum):
             break
     model.eval()
     return losses

@@ -128,7 +128,7 @@ def sft_train(
             labels = pad_right([e["labels"] for e in micro], IGNORE_INDEX).to(device)
             attention_mask = pad_right([[1] * len(e["input_ids"]) for e in micro], 0).to(device)
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            share = sum(labelled_tokens(e) for e in micro) / batch_tokens if len(micro_batches) > 1 else 1.0
+            share = sum(labelled_tokens(e) for e in micro) / batch_tokens  # exactly 1.0 for a whole batch
             loss = token_mean_cross_entropy(logits, labels) * share
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"SFT loss is {loss.item()} at step {step}; lower the learning rate ({lr})")

@@ -3,6 +3,7 @@
     pip install -r benchmarks/requirements.txt           # TRL, only for this benchmark
     python benchmarks/vapo_vs_trl.py                      # 3 systems x 3 seeds at the CPU scale
     python benchmarks/vapo_vs_trl.py --seeds 1 --systems vapo trl-grpo-dapo --steps 20
+    python benchmarks/vapo_vs_trl.py --summarise-only     # the table and plot of the runs already in --out-dir
 
 Systems, each a separate process (so peak memory is its own):
 - `vapo`: `vapo.py` with every technique (its CPU scale);
@@ -65,11 +66,13 @@ class Args:
     """policy learning rate, every system (vapo.py's CPU scale)."""
     warmup_updates: int = 3
     """optimizer steps of linear warmup, then constant (vapo.py's CPU scale)."""
-    eval_every: int = 5
-    """rollouts between evaluations."""
+    eval_every: int = 1
+    """rollouts between evaluations (1: samples to target is known to the rollout)."""
     target_gain: float = 0.20
     """target held-out accuracy = the initial accuracy + this (the issue: base + 20 points)."""
     out_dir: str = "runs/benchmarks/vapo_vs_trl"
+    summarise_only: bool = False
+    """run nothing: summarise the finished runs (`*/result.json`) already in --out-dir, whatever their seeds."""
     threads: int = 0
     """torch threads per run (0: torch's default). Runs go one after another."""
     trl_worker_seed: int = 0
@@ -305,13 +308,20 @@ def main(args: Args) -> None:
         return
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    vapo.resolve_model("tiny-arithmetic")  # build the shared warm start once, before any timing
-    runs = []
-    for seed in args.seeds:
-        for system in args.systems:
-            print(f"running {system} seed {seed} ...", flush=True)
-            runs.append(run_one(args, system, seed))
-            print(f"  final accuracy {runs[-1]['curve'][-1][2]:.3f}, {runs[-1]['train_s']:.0f} s", flush=True)
+    if args.summarise_only:
+        runs = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
+        runs = [r for r in runs if r["system"] in args.systems]
+        missing = [s for s in args.systems if not any(r["system"] == s for r in runs)]
+        if missing:
+            raise SystemExit(f"no finished run of {', '.join(missing)} in {out}; run them or leave them out of --systems")
+    else:
+        vapo.resolve_model("tiny-arithmetic")  # build the shared warm start once, before any timing
+        runs = []
+        for seed in args.seeds:
+            for system in args.systems:
+                print(f"running {system} seed {seed} ...", flush=True)
+                runs.append(run_one(args, system, seed))
+                print(f"  final accuracy {runs[-1]['curve'][-1][2]:.3f}, {runs[-1]['train_s']:.0f} s", flush=True)
     table, target = summarise(args, runs)
     initial = target - args.target_gain
     text = markdown(table, target, initial)

@@ -351,6 +351,13 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def evaluation_seed(seed: int, step: int) -> int:
+    """Sampling seed of the evaluation after `step` rollouts. Each run seed has its own stream: with
+    `seed + step`, the runs of seeds s and s + 1 would share their evaluations one step apart, and
+    while the policy is frozen (value pretraining) report the same numbers shifted by a step."""
+    return seed * 1_000_003 + 10**6 + step
+
+
 def micro_batches(lengths: list[int], rows: list[int], token_budget: int, pass_cost: int = 256) -> list[list[int]]:
     """Split `rows` into micro-batches whose padded size (rows × longest) fits `token_budget`, with as
     little padding as possible.
@@ -442,7 +449,7 @@ def train(args: Args) -> Path:
         """avg@k accuracy on the held-out prompts with the eval sampling settings (VAPO §5.1)."""
         shard = eval_rows[accelerator.process_index :: accelerator.num_processes]
         samples = sampler.generate([r["prompt"] for r in shard], n=args.eval_samples, max_new_tokens=args.max_new_tokens,
-                                   temperature=args.eval_temperature, top_p=args.eval_top_p, seed=args.seed + 10**6 + step)
+                                   temperature=args.eval_temperature, top_p=args.eval_top_p, seed=evaluation_seed(args.seed, step))
         verdicts = [check_math_answer(s.text, str(shard[s.prompt_index]["reward_model"]["ground_truth"])) for s in samples]
         stats = torch.tensor([sum(v.correct for v in verdicts), len(verdicts)], device=device, dtype=torch.float64)
         stats = accelerator.reduce(stats, "sum")

@@ -133,7 +133,7 @@ def run_trl(args: Args, seed: int, run_dir: Path) -> None:
 
     def evaluate(model, step: int) -> float:
         samples = sampler_of(model).generate([r["prompt"] for r in eval_rows], n=4, max_new_tokens=args.max_new_tokens,
-                                             temperature=1.0, top_p=0.7, seed=seed + 10**6 + step)
+                                             temperature=1.0, top_p=0.7, seed=vapo.evaluation_seed(seed, step))
         return statistics.mean(check_math_answer(s.text, str(eval_rows[s.prompt_index]["reward_model"]["ground_truth"])).correct
                                for s in samples)
 

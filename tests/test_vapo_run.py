@@ -103,6 +103,16 @@ def test_presets_turn_the_seven_techniques_off_and_flags_still_win():
     assert (paper_vanilla.prompts_per_step, paper_vanilla.samples_per_prompt) == (8192, 1)
 
 
+def test_runs_of_different_seeds_never_share_an_evaluation_sample():
+    steps = range(0, 5001)
+    streams = {seed: {vapo.evaluation_seed(seed, step) for step in steps} for seed in range(1, 21)}
+    assert all(len(stream) == len(steps) for stream in streams.values())
+    for seed in streams:
+        for other in streams:
+            if other != seed:
+                assert not streams[seed] & streams[other], (seed, other)
+
+
 def test_dataset_without_an_answer_names_the_row(tmp_path):
     rows = [{"prompt": [{"role": "user", "content": "1+1?"}], "reward_model": {"ground_truth": "2"}},
             {"prompt": [{"role": "user", "content": "2+2?"}], "reward_model": {"style": "rule"}}]

@@ -20,8 +20,10 @@ pass per rollout), the same learning rate and warmup, and the same evaluation: a
 prompts at T=1.0, top-p 0.7, with the same seeds, every `--eval-every` rollouts. Samples are counted
 when generated, so VAPO's value-pretraining rollouts count against it.
 
-Prints, as ratios to TRL: generated samples to reach the target accuracy (initial + `--target-gain`),
-training wall time per generated sample (evaluations excluded), peak resident memory, final accuracy;
+Prints, as ratios to TRL: generated samples to reach the target accuracy (initial + `--target-gain`; also
+counted after `vapo.py`'s policy-frozen value-pretraining rollouts, and at the first evaluation where the mean
+of the last `--smooth` evaluations reaches it), training wall time per generated sample (evaluations
+excluded), peak resident memory, final accuracy;
 and writes `results.json`, `results.md` and `curves.png` (accuracy against samples and against wall time)
 into `--out-dir`.
 """
@@ -70,6 +72,9 @@ class Args:
     """rollouts between evaluations (1: samples to target is known to the rollout)."""
     target_gain: float = 0.20
     """target held-out accuracy = the initial accuracy + this (the issue: base + 20 points)."""
+    smooth: int = 3
+    """evaluations averaged for the smoothed samples to target (one evaluation swings by a few points, so the
+    first one above the target is partly luck)."""
     out_dir: str = "runs/benchmarks/vapo_vs_trl"
     summarise_only: bool = False
     """run nothing: summarise the finished runs (`*/result.json`) already in --out-dir, whatever their seeds."""
@@ -218,16 +223,30 @@ def run_one(args: Args, system: System, seed: int) -> dict:
     curve = [(r["step"] * rollout, cumulative[r["step"]], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
     lengths = [r["response/length_mean"] for r in rows if r.get("response/length_mean") is not None]
     padding = [r["perf/padding_efficiency"] for r in rows if "perf/padding_efficiency" in r]
+    frozen_rollouts = sum(r.get("phase") == "value_pretrain" for r in rows)  # vapo.py's policy-frozen rollouts
     result = {"system": system, "seed": seed, "curve": curve, "train_s": train_s,
-              "samples": args.steps * rollout, "peak_rss_mb": usage.ru_maxrss / 1024,
+              "samples": args.steps * rollout, "frozen_samples": frozen_rollouts * rollout, "peak_rss_mb": usage.ru_maxrss / 1024,
               "final_length": lengths[-1] if lengths else None, "min_length": min(lengths) if lengths else None,
               "padding_efficiency": statistics.mean(padding) if padding else None}
     (run_dir / "result.json").write_text(json.dumps(result))
     return result
 
 
-def samples_to_target(curve, target: float) -> int | None:
-    return next((samples for samples, _, accuracy in curve if accuracy >= target), None)
+def samples_to_target(curve, target: float, smooth: int = 1) -> int | None:
+    """Generated samples at the first evaluation where the mean of the last `smooth` evaluations (this one and
+    the ones before it) reaches `target`; None if none does."""
+    accuracies = [accuracy for _, _, accuracy in curve]
+    for i, (samples, _, _) in enumerate(curve):
+        window = accuracies[max(0, i - smooth + 1) : i + 1]
+        if len(window) == smooth and statistics.mean(window) >= target:
+            return samples
+    return None
+
+
+def median_or_none(values: list[int | None]) -> float | None:
+    """Median where a run that never reached the target counts as needing more than the budget: defined while
+    fewer than half of the runs miss."""
+    return none_if_inf(statistics.median(math.inf if x is None else x for x in values))
 
 
 def none_if_inf(value: float) -> float | None:
@@ -241,12 +260,18 @@ def summarise(args: Args, runs: list[dict]) -> tuple[list[dict], float]:
     for system in args.systems:
         mine = [r for r in runs if r["system"] == system]
         reached = [samples_to_target(r["curve"], target) for r in mine]
+        smoothed = [samples_to_target(r["curve"], target, args.smooth) for r in mine]
         table.append({
             "system": system, "seeds": len(mine),
-            # a run that never reached the target counts as needing more than the budget: the median is
-            # still defined while fewer than half of the runs miss
-            "samples_to_target": none_if_inf(statistics.median(math.inf if x is None else x for x in reached)),
+            "samples_to_target": median_or_none(reached),
             "reached": f"{sum(x is not None for x in reached)}/{len(mine)}",
+            "samples_to_target_per_seed": reached,
+            # value pretraining's rollouts leave the policy where it was: the samples after them show how
+            # fast the policy updates themselves learn
+            "policy_samples_to_target": median_or_none(
+                [None if x is None else x - r["frozen_samples"] for x, r in zip(reached, mine)]),
+            "smoothed_samples_to_target": median_or_none(smoothed),
+            "smoothed_reached": f"{sum(x is not None for x in smoothed)}/{len(mine)}",
             "us_per_sample": statistics.median(r["train_s"] / r["samples"] * 1e6 for r in mine),
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in mine if r["peak_rss_mb"] is not None),
             "final_accuracy": statistics.mean(r["curve"][-1][2] for r in mine),
@@ -258,21 +283,30 @@ def summarise(args: Args, runs: list[dict]) -> tuple[list[dict], float]:
     return table, target
 
 
+def count(value) -> str:
+    return "not reached" if value is None else f"{value:.0f}"
+
+
 def ratio(value, reference):
     return f"{value / reference:.2f}" if value is not None and reference else "n/a"
 
 
-def markdown(table: list[dict], target: float, initial: float) -> str:
+def markdown(table: list[dict], target: float, initial: float, smooth: int) -> str:
     trl = next((row for row in table if row["system"] == "trl-grpo-dapo"), None)
-    lines = [f"initial held-out avg@4 {initial:.3f}; target {target:.3f}",
-             "", "| system | seeds | samples to target (reached) | / TRL | µs per sample | / TRL | peak RSS MB | / TRL "
+    lines = [f"initial held-out avg@4 {initial:.3f}; target {target:.3f}; medians over seeds",
+             "", "| system | seeds | samples to target (reached) | / TRL | per seed | after the policy-frozen rollouts "
+             f"| mean of {smooth} evaluations at target (reached) | / TRL | µs per sample | / TRL | peak RSS MB | / TRL "
              "| final accuracy | / TRL | collapsed | padding efficiency |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in table:
         padding = "" if row["padding_efficiency"] is None else f"{row['padding_efficiency']:.3f}"
+        per_seed = ", ".join(count(x) for x in row["samples_to_target_per_seed"])
         lines.append(
-            f"| {row['system']} | {row['seeds']} | {row['samples_to_target'] or 'not reached'} ({row['reached']}) "
-            f"| {ratio(row['samples_to_target'], trl and trl['samples_to_target'])} "
+            f"| {row['system']} | {row['seeds']} | {count(row['samples_to_target'])} ({row['reached']}) "
+            f"| {ratio(row['samples_to_target'], trl and trl['samples_to_target'])} | {per_seed} "
+            f"| {count(row['policy_samples_to_target'])} "
+            f"| {count(row['smoothed_samples_to_target'])} ({row['smoothed_reached']}) "
+            f"| {ratio(row['smoothed_samples_to_target'], trl and trl['smoothed_samples_to_target'])} "
             f"| {row['us_per_sample']:.0f} | {ratio(row['us_per_sample'], trl and trl['us_per_sample'])} "
             f"| {row['peak_rss_mb']:.0f} | {ratio(row['peak_rss_mb'], trl and trl['peak_rss_mb'])} "
             f"| {row['final_accuracy']:.3f} ± {row['final_accuracy_sd']:.3f} "
@@ -324,7 +358,7 @@ def main(args: Args) -> None:
                 print(f"  final accuracy {runs[-1]['curve'][-1][2]:.3f}, {runs[-1]['train_s']:.0f} s", flush=True)
     table, target = summarise(args, runs)
     initial = target - args.target_gain
-    text = markdown(table, target, initial)
+    text = markdown(table, target, initial, args.smooth)
     print(text)
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "table": table, "runs": runs}, indent=1))

@@ -246,11 +246,8 @@ def samples_to_target(curve, target: float, smooth: int = 1) -> int | None:
 def median_or_none(values: list[int | None]) -> float | None:
     """Median where a run that never reached the target counts as needing more than the budget: defined while
     fewer than half of the runs miss."""
-    return none_if_inf(statistics.median(math.inf if x is None else x for x in values))
-
-
-def none_if_inf(value: float) -> float | None:
-    return None if math.isinf(value) else value
+    median = statistics.median(math.inf if x is None else x for x in values)
+    return None if math.isinf(median) else median
 
 
 def summarise(args: Args, runs: list[dict]) -> tuple[list[dict], float]:

@@ -52,7 +52,8 @@ class Args:
     rows: list[str] = field(default_factory=lambda: list(DEFAULT_ROWS))
     """rows of the table to run (names as in the table), or "all" for the paper's eight rows."""
     seeds: int = 3
-    """seeds per row (seeds 1, 2, ...): each seed draws its own synthetic data and initial model."""
+    """seeds per row (seeds 1, 2, ...): each seed draws its own synthetic data, batch order and PPO samples; every
+    run starts from the same cached base model."""
     extra: list[str] = field(default_factory=list)
     """flags passed to every run, e.g. --extra --sft-epochs 2."""
     out_dir: str = "runs/tl_training_ablation"
@@ -106,15 +107,16 @@ def write_outputs(results: dict, out: Path, seeds: int) -> None:
     from matplotlib.figure import Figure
 
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"| setting | TS | PI | CF (exact call) | paper ToolAlpaca TS / PI / CF | paper RoTBench TS / PI / CF "
-             f"| time per seed | command |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| setting | TS | PI | CF (exact call) | CF per seed | paper ToolAlpaca TS / PI / CF "
+             f"| paper RoTBench TS / PI / CF | time per seed | command |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         _, _, alpaca, rotbench = ROWS[name]
         cells = [mean_std([s[level] for s in r["scores"]]) for level in LEVELS]
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} | **{cells[2]}** | {' / '.join(map(str, alpaca))} | "
+        per_seed = ", ".join(f"{100 * s['content_filling']:.1f}" for s in r["scores"])
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | **{cells[2]}** | {per_seed} | {' / '.join(map(str, alpaca))} | "
                      f"{' / '.join(map(str, rotbench))} | {statistics.mean(r['seconds']):.0f} s | `{r['command']}` |")
     lines.append(f"\nHeld-out greedy accuracy (%), mean ± std over {seeds} seeds (--seed 1..{seeds}); each seed "
-                 f"has its own synthetic data and initial model.")
+                 f"has its own synthetic data, batch order and PPO samples, from the same cached base model.")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     fig = Figure(figsize=(9, 4))

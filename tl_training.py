@@ -800,7 +800,7 @@ class ToolUseTask:
 
     domain: Domain = PAPER_SEARCH
     seed: int = 0
-    adverse_rate: float = 0.7
+    adverse_rate: float = Args.adverse_rate
 
     def query(self, rng: random.Random) -> tuple[str, dict]:
         name = rng.choice(list(self.domain.tools))

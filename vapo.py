@@ -324,6 +324,17 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float(1 - (r - v).var(unbiased=False) / variance)
 
 
+def leave_one_out_baseline(rewards: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
+    """Each sample's baseline from its group (B,): the mean reward of the *other* samples of its prompt
+    (RLOO's baseline; GRPO subtracts the group mean with the sample itself in it). NaN for a prompt with one sample.
+    Not part of VAPO: its explained variance, logged beside the critic's, says whether the critic is a better
+    baseline than what group sampling gives a critic-free method for nothing."""
+    ids = prompt_ids.long()
+    totals = torch.zeros(int(ids.max()) + 1, dtype=rewards.dtype, device=rewards.device).index_add_(0, ids, rewards)
+    counts = torch.bincount(ids).to(rewards.dtype)
+    return (totals[ids] - rewards) / (counts[ids] - 1)
+
+
 # --------------------------------------------------------------------------------------------------
 # Plumbing helpers (data, batching); the algorithm is in `train` below
 # --------------------------------------------------------------------------------------------------
@@ -442,8 +453,9 @@ def train(args: Args) -> Path:
         sampler = HFSampler(accelerator.unwrap_model(policy), tokenizer, synced_gpus=accelerator.num_processes > 1)
     log = RunLog(run_dir, resume_step=start_step if checkpoint else None, is_main=accelerator.is_main_process)
     plotted = ["eval/accuracy", "reward/accuracy", "reward/mean", "response/length_mean", "value/explained_variance",
-               "value/loss", "policy/clipfrac_high", "policy/clipfrac_low", "policy/approx_kl", "policy/entropy",
-               "policy/nll_loss", "response/truncated_frac", "gae/lambda_policy_mean", "time/step_s"]
+               "value/group_baseline_explained_variance", "value/loss", "policy/clipfrac_high", "policy/clipfrac_low",
+               "policy/approx_kl", "policy/entropy", "policy/nll_loss", "response/truncated_frac",
+               "gae/lambda_policy_mean", "time/step_s"]
 
     def evaluate(step: int) -> dict:
         """avg@k accuracy on the held-out prompts with the eval sampling settings (VAPO §5.1)."""
@@ -606,6 +618,10 @@ def train(args: Args) -> Path:
             "lr/actor": actor_sched.get_last_lr()[0],
             "lr/critic": critic_sched.get_last_lr()[0],
         }
+        if args.samples_per_prompt > 1:  # the critic against the baseline a critic-free method would get
+            prompt_ids = torch.tensor([s.prompt_index for s in samples], device=device)
+            group_baseline = leave_one_out_baseline(final_reward, prompt_ids).unsqueeze(-1) * mask
+            metrics["value/group_baseline_explained_variance"] = explained_variance(group_baseline, returns, mask)
         if not critic_only:
             metrics |= {
                 "policy/pg_loss": sums["pg_loss"] / updates,

@@ -1,12 +1,13 @@
 """VAPO's math against slow reference loops written here, and on hand-computed examples."""
 
 import math
+import statistics
 
 import pytest
 import torch
 
-from vapo import (aggregate, clipped_policy_loss, explained_variance, gae, length_adaptive_lambda, micro_batches,
-                  positive_nll_loss, value_loss, whiten)
+from vapo import (aggregate, clipped_policy_loss, explained_variance, gae, leave_one_out_baseline,
+                  length_adaptive_lambda, micro_batches, positive_nll_loss, value_loss, whiten)
 
 
 def reference_gae(rewards, values, mask, gamma, lams):
@@ -191,6 +192,22 @@ def test_whiten_and_explained_variance():
     # a constant prediction explains nothing, whatever the constant
     assert explained_variance(torch.zeros(1, 4), returns, mask) == pytest.approx(0.0, abs=1e-6)
     assert explained_variance(torch.full((1, 4), 0.7), returns, mask) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_leave_one_out_baseline_by_hand_and_against_a_loop():
+    # prompt 0 has rewards 1, -1, -1; prompt 1 has 1, 1; prompt 2 a single sample
+    rewards = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    prompts = torch.tensor([0, 0, 1, 0, 1, 2])
+    baseline = leave_one_out_baseline(rewards, prompts)
+    assert baseline[:5].tolist() == pytest.approx([-1.0, 0.0, 1.0, 0.0, 1.0])
+    assert math.isnan(baseline[5])  # no other sample to compare with
+
+    generator = torch.Generator().manual_seed(0)
+    rewards = torch.randn(40, generator=generator)
+    prompts = torch.randint(0, 6, (40,), generator=generator)
+    expected = [statistics.mean(float(rewards[j]) for j in range(40) if prompts[j] == prompts[i] and j != i)
+                for i in range(40)]
+    assert leave_one_out_baseline(rewards, prompts).tolist() == pytest.approx(expected, abs=1e-6)
 
 
 def _all_run_partitions(n):

@@ -29,8 +29,8 @@ def test_short_run_trains_both_models_and_writes_metrics_plot_checkpoints(tiny_m
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert rows[1]["phase"] == "value_pretrain" and rows[2]["phase"] == "rl"
-    for key in ("reward/mean", "value/loss", "value/explained_variance", "response/length_mean",
-                "time/generate_s", "perf/padding_efficiency"):
+    for key in ("reward/mean", "value/loss", "value/explained_variance", "value/group_baseline_explained_variance",
+                "response/length_mean", "time/generate_s", "perf/padding_efficiency"):
         assert key in rows[2]
     for key in ("policy/clipfrac_high", "policy/clipfrac_low", "policy/approx_kl", "policy/entropy"):
         assert key in rows[2] and key not in rows[1]

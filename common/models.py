@@ -270,15 +270,17 @@ def build_tiny_model(
     max_position_embeddings: int = 2048,
     corpus: list[str] | None = None,
     seed: int = 0,
+    config_overrides: dict | None = None,
 ) -> Path:
     """Write a randomly initialised tiny Qwen2 and its tokenizer to `out_dir`; load it by path.
 
     The config differs from Qwen2.5-0.5B's only in sizes (Qwen2.5 also ties embeddings at small sizes
-    and uses grouped-query attention).
+    and uses grouped-query attention). `config_overrides` sets any other `Qwen2Config` field, e.g. a real
+    model's shape and vocabulary (ids the tokenizer lacks decode to nothing).
     """
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(corpus if corpus is not None else tiny_corpus(), vocab_size)
-    config = Qwen2Config(
+    fields = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=4 * hidden_size,
@@ -291,6 +293,8 @@ def build_tiny_model(
         eos_token_id=[tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)],
         pad_token_id=tokenizer.pad_token_id,
     )
+    # given to the constructor, not set afterwards: fields such as layer_types are derived from the sizes
+    config = Qwen2Config(**(fields | (config_overrides or {})))
     torch.manual_seed(seed)
     # a private copy: from_config may write attention settings into the config it is given
     model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.float32)

@@ -92,11 +92,10 @@ def main(args: Args) -> None:
     ]))
     total = time.perf_counter() - start
     step = read_metrics(run_dir)[-1]
-    parameters = json.loads((model_dir / "config.json").read_text())
     report = {
         "shape": args.shape, "dtype": args.dtype, "backend": args.backend, "rollout": rollout,
         "max_new_tokens": args.max_new_tokens, "response_length_mean": step["response/length_mean"],
-        "hidden_size": parameters["hidden_size"], "layers": parameters["num_hidden_layers"],
+        "hidden_size": SHAPES[args.shape]["hidden_size"], "layers": SHAPES[args.shape]["num_hidden_layers"],
         **{k: round(v, 1) for k, v in step.items() if k.startswith("time/")},
         "padding_efficiency": round(step["perf/padding_efficiency"], 3),
         "tokens_per_s": round(step["perf/tokens_per_s"], 1),

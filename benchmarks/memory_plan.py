@@ -1,0 +1,575 @@
+"""Per-GPU memory of a `vapo.py --scale paper --backend vllm` run, on paper: the policy's and the critic's
+sharded training states, the activations of one micro-batch, the log-prob chunks, and the colocated vLLM
+engine's weights and KV cache, awake and asleep; the smallest GPU count that fits; and the settings to use.
+
+    python benchmarks/memory_plan.py qwen2.5-32b                     # smallest whole nodes of 8 x 80 GB
+    python benchmarks/memory_plan.py qwen2.5-7b --gpus 8 --json plan.json
+    python benchmarks/memory_plan.py path/to/config.json --gpus 16 --micro-batch-tokens 32768
+    python benchmarks/memory_plan.py --check-on-cpu                  # predicted vs measured peak, two small shapes
+
+MODEL_OR_CONFIG is a shape name (qwen2.5-0.5b, -1.5b, -7b, -32b: the sizes in their config.json) or a
+Qwen2 config.json / model directory; nothing is downloaded. The critic is the same backbone with a value
+head (`common.models.load_value_model`). Every term below is a small function of the shape that says what
+it counts. The run modelled: accelerate FSDP2 full sharding with bf16 mixed precision (configs/fsdp.yaml),
+gradient checkpointing per decoder layer, micro-batches cut by a token budget, log-probs computed in fp32
+chunks of 4,096 positions under activation checkpointing, and vLLM colocated in the training processes
+(tensor-parallel groups of the training ranks, sleep mode level 2 while training; the training states stay
+on the GPU while it generates). The per-GPU peak is the larger of the training phase and the generation
+phase; a GPU's usable memory is 0.9 of it (CUDA context, NCCL and allocator fragmentation take the rest).
+
+`--check-on-cpu` runs one training micro-batch (policy forward and backward with gradient checkpointing,
+chunked log-probs, AdamW step) at two small shapes with Qwen2.5's vocabulary, in float32, each in a fresh
+process, and compares the peak memory with this plan's prediction for the same dtype
+(benchmarks/results/memory_plan_cpu_check.json).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import resource
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import tyro
+
+ROOT = Path(__file__).resolve().parent.parent
+GiB = 2**30
+
+
+@dataclass
+class Args:
+    model: tyro.conf.Positional[str] = "qwen2.5-32b"
+    """MODEL_OR_CONFIG: qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, qwen2.5-32b, or a config.json / model directory."""
+    gpus: int | None = None
+    """GPUs of the run (all of them: FSDP shards over every GPU); default: the smallest whole nodes that fit."""
+    gpu_gb: float = 80.0
+    """memory of one GPU in GiB (A100 / H100 80 GB)."""
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """compute dtype. bfloat16: configs/fsdp.yaml's mixed precision (fp32 master weights, bf16 compute);
+    float32: everything in fp32 (a CPU run)."""
+    micro_batch_tokens: int | None = None
+    """vapo.py --micro-batch-tokens; default: the largest power of two that fits."""
+    tensor_parallel_size: int | None = None
+    """vapo.py --tensor-parallel-size; default: the smallest that holds a prompt's samples at full length."""
+    gpu_memory_utilization: float | None = None
+    """vapo.py --vllm-gpu-memory-utilization; default: all that the resident training states leave."""
+    prompt_tokens: int = 2048
+    """prompt length limit (DAPO-Math-17k prompts)."""
+    response_tokens: int = 20480
+    """vapo.py --max-new-tokens (VAPO paper scale: 20,480)."""
+    prompts: int = 512
+    samples: int = 16
+    """rollout: prompts x samples sequences (VAPO §5.1: 512 x 16)."""
+    json: str | None = None
+    """also write the plan to this file."""
+    check_on_cpu: bool = False
+    """measure the peak memory of one training micro-batch at two small shapes and compare with the plan."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Shapes
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Qwen2 decoder (q/k/v projections with biases, SwiGLU MLP, RMSNorm); field names as in config.json."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    tie_word_embeddings: bool
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+# from the config.json of Qwen/Qwen2.5-0.5B, -1.5B, -7B and -32B
+SHAPES = {
+    "qwen2.5-0.5b": Shape(896, 4864, 24, 14, 2, 151936, True),
+    "qwen2.5-1.5b": Shape(1536, 8960, 28, 12, 2, 151936, True),
+    "qwen2.5-7b": Shape(3584, 18944, 28, 28, 4, 152064, False),
+    "qwen2.5-32b": Shape(5120, 27648, 64, 40, 8, 152064, False),
+}
+
+
+def load_shape(model: str) -> Shape:
+    """A shape by name, or read from a config.json (or the one in a model directory)."""
+    if model in SHAPES:
+        return SHAPES[model]
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"{model!r} is neither a known shape ({', '.join(SHAPES)}) nor a config.json or model directory")
+    config = json.loads(path.read_text())
+    if config.get("model_type", "qwen2") != "qwen2":
+        raise SystemExit(f"{path} is a {config['model_type']!r} model; the parameter count here is Qwen2's")
+    return Shape(config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"],
+                 config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"]),
+                 config["vocab_size"], config.get("tie_word_embeddings", False))  # Qwen2Config's default
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters
+# --------------------------------------------------------------------------------------------------
+
+
+def layer_params(s: Shape) -> int:
+    """One decoder layer: q (with bias), k and v (with biases, num_key_value_heads heads each), o, the MLP's
+    gate, up and down, and two RMSNorm weights."""
+    h, kv = s.hidden_size, s.num_key_value_heads * s.head_dim
+    return (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * s.intermediate_size + 2 * h
+
+
+def root_params(s: Shape, value_head: bool) -> int:
+    """What is not in a decoder layer (FSDP's root unit): the embeddings, the final RMSNorm and the head,
+    an lm_head (vocab x hidden, none when tied to the embeddings) or the critic's value head (hidden + bias)."""
+    embeddings = s.vocab_size * s.hidden_size
+    head = s.hidden_size + 1 if value_head else (0 if s.tie_word_embeddings else embeddings)
+    return embeddings + s.hidden_size + head
+
+
+def model_params(s: Shape, value_head: bool) -> int:
+    """The policy (value_head=False) or the critic (value_head=True)."""
+    return s.num_hidden_layers * layer_params(s) + root_params(s, value_head)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training phase (the engine asleep); `b` is the compute dtype's bytes per element
+# --------------------------------------------------------------------------------------------------
+
+
+def training_states(params: int, gpus: int) -> float:
+    """Weights, gradients and AdamW moments of one model, sharded over every GPU: 16 B per parameter. Under
+    bf16 mixed precision accelerate upcasts the trainable parameters to fp32 master weights (4 B), whose
+    gradients are fp32 (4 B), and AdamW keeps exp_avg and exp_avg_sq in fp32 (4 + 4 B); in float32 it is the
+    same 4 + 4 + 8 B. The gradients live through the whole mini-batch (accumulated over micro-batches)."""
+    return 16 * params / gpus
+
+
+def fsdp_gathered(s: Shape, b: int) -> float:
+    """FSDP2's unsharded copies, in the compute dtype, of the model being trained (the larger of the two):
+    the root unit (embeddings, final norm, head), which stays gathered from forward to the end of backward,
+    with its unsharded gradient, which is reduce-scattered only when backward ends; and two decoder layers
+    (the one computing and the one prefetched) with one layer's unsharded gradient."""
+    root = max(root_params(s, value_head=False), root_params(s, value_head=True))
+    return (2 * root + 3 * layer_params(s)) * b
+
+
+def rmsnorm_saved(b: int) -> float:
+    """Hidden-sized tensors (in units of tokens x hidden x b) an RMSNorm keeps for backward: its input in
+    fp32 (a copy in bf16, 4/b units; the input itself in float32), the normalised input, and the
+    weighted output, which the next projection saves."""
+    return 4 / b + 2
+
+
+def checkpointed_inputs(s: Shape, tokens: int, b: int) -> float:
+    """Gradient checkpointing per decoder layer keeps every layer's input (tokens x hidden x b), and the
+    final RMSNorm, outside the checkpointed layers, keeps its own tensors for the head's backward."""
+    return (s.num_hidden_layers + rmsnorm_saved(b)) * tokens * s.hidden_size * b
+
+
+def layer_recompute(s: Shape, tokens: int, b: int) -> float:
+    """One decoder layer's working set in backward: its forward recomputed with everything it saves, plus
+    the gradients being formed. Hidden-sized (tokens x hidden x b): two RMSNorms (`rmsnorm_saved` each);
+    attention's q, and k and v repeated to every head (transformers' SDPA path repeats them when a padding
+    mask is given, which a packed micro-batch has), SDPA's output and its reshaped copy for o_proj (5); the
+    gradients entering and leaving the layer (2). Intermediate-sized (tokens x intermediate x b): the MLP's
+    gate output, SiLU(gate), up output and their product (4), and the two gradients of that product (2).
+    SDPA with flash/memory-efficient kernels saves no tokens x tokens matrix."""
+    hidden_sized = 2 * rmsnorm_saved(b) + 5 + 2
+    return tokens * (hidden_sized * s.hidden_size + 6 * s.intermediate_size) * b
+
+
+def logits_and_gradient(s: Shape, tokens: int, b: int) -> float:
+    """The policy's logits (tokens x vocab, in the compute dtype, as the model returns them), kept for the
+    chunks' backward, and the gradient of the logits that the chunks' backward builds for the head."""
+    return 2 * tokens * s.vocab_size * b
+
+
+def logprob_chunk(s: Shape, tokens: int, b: int, chunk: int = 4096) -> float:
+    """One chunk's fp32 working set (chunk positions x vocab x 4 B each) in its backward, where the chunk
+    is recomputed (activation checkpointing per chunk): the fp32 upcast (none in float32), exp(x - logsumexp)
+    and its product with the incoming gradient (logsumexp's backward), the gather's scattered gradient,
+    and, in bf16, the cast of the chunk's gradient back to bf16 (half a copy): 4.5 copies in bf16, 3 in
+    float32. The forward's working set (upcast, softmax and product for the entropy) is smaller."""
+    copies = (1 + 2 + 1 + 0.5) if b < 4 else (2 + 1)
+    return copies * min(chunk, tokens) * s.vocab_size * 4
+
+
+def activation_peak(s: Shape, tokens: int, b: int, chunk: int = 4096) -> dict:
+    """The policy's activations at their peak, term by term. The policy's and the critic's forward/backward
+    never overlap, and the critic (a 1-output head) has the policy's checkpoints and recompute without the
+    logits, so the policy's peak is the run's. Within it, the log-prob backward (logits, their gradient, a
+    chunk) comes first and the layer recomputes after it, once the logits are freed: the larger counts."""
+    logprob = logits_and_gradient(s, tokens, b) + logprob_chunk(s, tokens, b, chunk)
+    recompute = layer_recompute(s, tokens, b)
+    return {"checkpointed_inputs": checkpointed_inputs(s, tokens, b),
+            "logits_and_gradient": logits_and_gradient(s, tokens, b),
+            "logprob_chunk": logprob_chunk(s, tokens, b, chunk),
+            "layer_recompute": recompute,
+            "peak": checkpointed_inputs(s, tokens, b) + max(logprob, recompute),
+            "binding": "logprob" if logprob >= recompute else "layer_recompute"}
+
+
+def rollout_tensors(rows: int, length: int) -> float:
+    """This GPU's share of the rollout, padded to the longest sequence: input_ids and attention_mask (int64,
+    8 + 8 B), response_mask, old log-probs, old values, advantages and returns (fp32, 5 x 4 B): 36 B a position."""
+    return 36 * rows * length
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation phase (the engine awake)
+# --------------------------------------------------------------------------------------------------
+
+VLLM_ASLEEP = 2.5 * GiB
+"""What sleep mode level 2 keeps per GPU: CUDA graphs' memory pool, NCCL buffers and allocator state
+(NeMo-RL measured 0.8 GB asleep at tensor parallel 1 and 2.4 GB at 2, NVIDIA-NeMo/RL issue 223)."""
+VLLM_MAX_NUM_BATCHED_TOKENS, VLLM_MAX_NUM_SEQS = 16384, 1024
+"""vLLM's defaults for the `LLM` class on 80 GB H100-class GPUs (EngineArgs.get_batch_defaults)."""
+
+
+def resident_states(params: int, gpus: int) -> float:
+    """Training states that stay on the GPU while it generates: fp32 weights and AdamW's two moments,
+    12 B per parameter over every GPU (the gradients are freed by zero_grad(set_to_none=True) after each
+    optimizer step)."""
+    return 12 * params / gpus
+
+
+def engine_weights(params: int, tp: int, b: int) -> float:
+    """The policy's weights in the engine, split over its tensor-parallel group."""
+    return params * b / tp
+
+
+def engine_workspace(s: Shape, tp: int, b: int) -> float:
+    """What vLLM's profiling run reserves beside weights and KV cache: a forward of max_num_batched_tokens
+    tokens (the MLP's gate/up output and activation, 3 x intermediate / TP, and about 4 hidden-sized
+    tensors, in the compute dtype) and the sampler's fp32 logits and probabilities over max_num_seqs
+    sequences."""
+    forward = VLLM_MAX_NUM_BATCHED_TOKENS * (3 * s.intermediate_size / tp + 4 * s.hidden_size) * b
+    return forward + VLLM_MAX_NUM_SEQS * s.vocab_size * 4 * 2
+
+
+def kv_bytes_per_token(s: Shape, tp: int, b: int) -> float:
+    """KV cache per token on one GPU: K and V for every layer and this GPU's key-value heads (vLLM splits
+    them over the group and replicates them when TP exceeds their number)."""
+    return 2 * s.num_hidden_layers * math.ceil(s.num_key_value_heads / tp) * s.head_dim * b
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------------
+
+USABLE_FRACTION = 0.9
+"""of a GPU's memory: the CUDA context, NCCL and the caching allocator's fragmentation take the rest."""
+
+
+def training_phase(s: Shape, gpus: int, tokens: int, b: int, rows: int, length: int) -> dict:
+    """Per-GPU bytes while training, engine asleep. `tokens` is the largest pass: the micro-batch budget,
+    or the longest sequence when it is longer (a row over the budget gets a pass of its own)."""
+    act = activation_peak(s, tokens, b)
+    terms = {"policy_states": training_states(model_params(s, False), gpus),
+             "critic_states": training_states(model_params(s, True), gpus),
+             "fsdp_gathered": fsdp_gathered(s, b),
+             **{k: act[k] for k in ("checkpointed_inputs", "logits_and_gradient", "logprob_chunk", "layer_recompute")},
+             "rollout_tensors": rollout_tensors(math.ceil(rows / gpus), length),
+             "vllm_asleep": VLLM_ASLEEP}
+    not_at_peak = ("layer_recompute",) if act["binding"] == "logprob" else ("logits_and_gradient", "logprob_chunk")
+    return {"terms": terms, "not_at_peak": list(not_at_peak),
+            "peak": sum(v for k, v in terms.items() if k not in not_at_peak)}
+
+
+def generation_phase(s: Shape, gpus: int, tp: int, utilization: float, gpu_bytes: float, b: int) -> dict:
+    """Per-GPU bytes while generating, engine awake: the resident training states beside the engine's
+    whole share, gpu_memory_utilization x GPU memory, of which the KV cache is what weights, workspace
+    and the graphs/NCCL residue leave."""
+    engine = utilization * gpu_bytes
+    terms = {"policy_states": resident_states(model_params(s, False), gpus),
+             "critic_states": resident_states(model_params(s, True), gpus),
+             "vllm_weights": engine_weights(model_params(s, False), tp, b),
+             "vllm_workspace": engine_workspace(s, tp, b),
+             "vllm_asleep": VLLM_ASLEEP}
+    terms["vllm_kv_cache"] = engine - terms["vllm_weights"] - terms["vllm_workspace"] - VLLM_ASLEEP
+    kv_tokens = max(0, int(terms["vllm_kv_cache"] // kv_bytes_per_token(s, tp, b)))
+    return {"terms": terms, "peak": terms["policy_states"] + terms["critic_states"] + engine, "kv_tokens": kv_tokens}
+
+
+def tp_choices(s: Shape, gpus: int) -> list[int]:
+    """Tensor-parallel sizes vLLM can use here: within a node (1-8), dividing the GPU count and the heads."""
+    return [tp for tp in (1, 2, 4, 8) if gpus % tp == 0 and s.num_attention_heads % tp == 0]
+
+
+def plan(s: Shape, gpus: int, args: Args) -> dict:
+    """Every term at `gpus` GPUs with the settings of `args`, those not given chosen to fit: the largest
+    power-of-two micro-batch, all the memory the resident states leave to vLLM, and the smallest tensor
+    parallel size whose KV cache holds one prompt's samples at full length (else one sequence)."""
+    b = 2 if args.dtype == "bfloat16" else 4
+    usable, gpu_bytes = USABLE_FRACTION * args.gpu_gb * GiB, args.gpu_gb * GiB
+    length, rows = args.prompt_tokens + args.response_tokens, args.prompts * args.samples
+
+    def train(budget: int) -> dict:
+        return training_phase(s, gpus, max(budget, length), b, rows, length)
+
+    fitting = [2**k for k in range(10, 21) if train(2**k)["peak"] <= usable]
+    tokens = args.micro_batch_tokens or (fitting[-1] if fitting else 2 ** int(math.log2(length)))
+    resident = resident_states(model_params(s, False), gpus) + resident_states(model_params(s, True), gpus)
+    utilization = args.gpu_memory_utilization or max(0.0, math.floor(100 * (usable - resident) / gpu_bytes) / 100)
+    if args.tensor_parallel_size:
+        tp = args.tensor_parallel_size
+    else:
+        choices = tp_choices(s, gpus) or [1]
+        generating = {tp: generation_phase(s, gpus, tp, utilization, gpu_bytes, b)["kv_tokens"] for tp in choices}
+        tp = next((tp for tp in choices if generating[tp] >= args.samples * length),
+                  next((tp for tp in choices if generating[tp] >= length), choices[-1]))
+    training, generation = train(tokens), generation_phase(s, gpus, tp, utilization, gpu_bytes, b)
+    sequences = generation["kv_tokens"] // length
+    per_engine = math.ceil(rows / max(1, gpus // tp))
+    return {
+        "gpus": gpus, "gpu_gb": args.gpu_gb, "usable_gib": usable / GiB, "dtype": args.dtype,
+        "micro_batch_tokens": tokens, "largest_pass_tokens": max(tokens, length), "tensor_parallel_size": tp,
+        "gpu_memory_utilization": utilization, "max_model_len": length,
+        "training": training, "generation": generation,
+        "fits": bool(training["peak"] <= usable and generation["peak"] <= usable and sequences >= 1
+                     and tp in tp_choices(s, gpus)),
+        "kv_sequences_per_engine": sequences, "rollout_sequences_per_engine": per_engine,
+        "waves_at_full_length": math.ceil(per_engine / sequences) if sequences else None,
+    }
+
+
+def smallest_gpus(s: Shape, args: Args, step: int, limit: int = 4096) -> dict | None:
+    """The plan at the smallest GPU count, a multiple of `step` (8: whole nodes), that fits."""
+    return next((p for gpus in range(step, limit + 1, step) if (p := plan(s, gpus, args))["fits"]), None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------
+
+LABELS = {
+    "policy_states": "policy: fp32 weights+AdamW (+grads training)",
+    "critic_states": "critic: fp32 weights+AdamW (+grads training)",
+    "fsdp_gathered": "FSDP all-gathered units and their grads",
+    "checkpointed_inputs": "checkpointed layer inputs, final norm",
+    "logits_and_gradient": "logits and their gradient",
+    "logprob_chunk": "log-prob chunk, fp32, in backward",
+    "layer_recompute": "one layer's recompute in backward",
+    "rollout_tensors": "rollout tensors (this GPU's rows)",
+    "vllm_weights": "vLLM weights / TP",
+    "vllm_kv_cache": "vLLM KV cache",
+    "vllm_workspace": "vLLM workspace (profiled activations)",
+    "vllm_asleep": "vLLM graphs, NCCL (kept asleep)",
+}
+
+
+def table(name: str, p: dict) -> str:
+    """The terms of one plan, per GPU, training (engine asleep) beside generation (engine awake)."""
+    train, gen = p["training"], p["generation"]
+    lines = [f"{name} on {p['gpus']} x {p['gpu_gb']:g} GiB ({p['usable_gib']:.1f} usable), {p['dtype']}, "
+             f"--micro-batch-tokens {p['micro_batch_tokens']} (largest pass {p['largest_pass_tokens']}), "
+             f"--tensor-parallel-size {p['tensor_parallel_size']}, "
+             f"--vllm-gpu-memory-utilization {p['gpu_memory_utilization']:.2f}",
+             f"{'GiB per GPU':<46}{'training':>10}{'generating':>12}"]
+    for key, label in LABELS.items():
+        t, g = train["terms"].get(key), gen["terms"].get(key)
+        cell = "" if t is None else (f"({t / GiB:.1f})" if key in train["not_at_peak"] else f"{t / GiB:.1f}")
+        lines.append(f"{label:<46}{cell:>10}{'' if g is None else f'{g / GiB:.1f}':>12}")
+    lines.append(f"{'peak':<46}{train['peak'] / GiB:>10.1f}{gen['peak'] / GiB:>12.1f}")
+    lines.append("(in parentheses: not at the peak; the log-prob backward and the layer recomputes come one after the other)")
+    lines.append(f"fits: {'yes' if p['fits'] else 'no'}; KV cache {gen['kv_tokens']:,} tokens per engine = "
+                 f"{p['kv_sequences_per_engine']} sequences of {p['max_model_len']:,}; "
+                 f"{p['rollout_sequences_per_engine']} rollout sequences per engine"
+                 + (f", {p['waves_at_full_length']} waves if all ran to full length" if p["waves_at_full_length"] else ""))
+    return "\n".join(lines)
+
+
+def gib(p: dict) -> dict:
+    """A plan with its byte counts in GiB, for JSON."""
+    out = dict(p)
+    for phase in ("training", "generation"):
+        out[phase] = {**p[phase], "terms": {k: round(v / GiB, 3) for k, v in p[phase]["terms"].items()},
+                      "peak_gib": round(p[phase]["peak"] / GiB, 3)}
+        del out[phase]["peak"]
+    return out
+
+
+def main(args: Args) -> dict:
+    if args.check_on_cpu:
+        return check_on_cpu()
+    s = load_shape(args.model)
+    path = Path(args.model).resolve()
+    name = args.model if args.model in SHAPES else (path.parent.name if path.name == "config.json" else path.name)
+    nodes, any_count = smallest_gpus(s, args, 8), smallest_gpus(s, args, 1)
+    shown = plan(s, args.gpus, args) if args.gpus else nodes
+    policy, critic = model_params(s, False), model_params(s, True)
+    print(f"{name}: policy {policy / 1e9:.2f}B parameters, critic {critic / 1e9:.2f}B; rollout {args.prompts} x "
+          f"{args.samples}, sequences up to {args.prompt_tokens:,} + {args.response_tokens:,} tokens")
+    if shown is None:
+        print(f"does not fit on any number of {args.gpu_gb:g} GiB GPUs up to 4096")
+    else:
+        print(table(name, shown))
+    for label, p in (("smallest whole nodes", nodes), ("smallest GPU count", any_count)):
+        if p:
+            print(f"{label}: {p['gpus']} GPU{'s' if p['gpus'] > 1 else ''}: --micro-batch-tokens {p['micro_batch_tokens']} --tensor-parallel-size "
+                  f"{p['tensor_parallel_size']} --vllm-gpu-memory-utilization {p['gpu_memory_utilization']:.2f} "
+                  f"(peak {p['training']['peak'] / GiB:.1f} GiB training, {p['generation']['peak'] / GiB:.1f} generating)")
+    report = {"model": name, "shape": asdict(s), "policy_params": policy, "critic_params": critic,
+              "rollout": [args.prompts, args.samples], "plan": gib(shown) if shown else None,
+              "smallest_whole_nodes": gib(nodes) if nodes else None,
+              "smallest_gpus": gib(any_count) if any_count else None}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# The check against measurement, on the CPU
+# --------------------------------------------------------------------------------------------------
+
+# Two small shapes with Qwen2.5's vocabulary, where the logits bind as they do at every Qwen2.5 size, and
+# one with a small vocabulary, where the decoder layers' checkpoints and recompute bind. Chunks of 256
+# positions, so that a micro-batch has several as a paper-scale one has 8 of 4,096; the last row ends in
+# 64 padding positions, as a packed micro-batch's rows do (transformers then passes a padding mask to SDPA).
+CPU_CHECK = [
+    dict(shape=Shape(256, 1024, 4, 4, 2, 151936, True), rows=2, length=512, chunk=256),
+    dict(shape=Shape(512, 2048, 8, 8, 2, 151936, True), rows=4, length=512, chunk=256),
+    dict(shape=Shape(1024, 4096, 6, 8, 2, 4096, True), rows=4, length=512, chunk=256),
+]
+# glibc keeps freed blocks below its dynamic mmap threshold (up to 32 MiB) in its heap, so the memory of
+# the first step's freed activations stays resident; with every block of 64 KiB or more mmapped, resident
+# memory follows the live tensors, as torch.cuda.max_memory_allocated does on a GPU.
+ALLOCATORS = {"glibc default": {}, "mmap from 64 KiB": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+
+
+def chunked_logprobs(logits, tokens, chunk: int):
+    """Log-prob of each token, and the entropy of its distribution, (N,) each, from (N, vocab) logits, a
+    chunk of positions at a time: each chunk is upcast to fp32 and recomputed in backward (activation
+    checkpointing per chunk), so one chunk's fp32 copies exist at a time. Entropy is only logged
+    (vapo.py's entropy coefficient is 0), so it carries no gradient."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    def one_chunk(logits, tokens):
+        x = logits.float()
+        normalizer = torch.logsumexp(x, dim=-1)
+        logprobs = x.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - normalizer
+        with torch.no_grad():
+            entropy = normalizer - (torch.softmax(x, dim=-1) * x).sum(-1)
+        return logprobs, entropy
+
+    parts = [checkpoint(one_chunk, x, t, use_reentrant=False) for x, t in zip(logits.split(chunk), tokens.split(chunk))]
+    return torch.cat([lp for lp, _ in parts]), torch.cat([e for _, e in parts])
+
+
+def measure_step(s: Shape, rows: int, length: int, chunk: int) -> dict:
+    """In a fresh process: build the policy from the shape (float32), then run a training micro-batch twice
+    (forward with gradient checkpointing, chunked log-probs, backward, AdamW step); the second, with the
+    gradients and AdamW's moments resident as in every micro-batch after a run's first, is measured.
+    Returns the process's resident memory (bytes) before the model, before the measured step and at peak."""
+    import psutil
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    process = psutil.Process()
+    before_model = process.memory_info().rss
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**asdict(s), use_cache=False), dtype=torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    ids = torch.randint(s.vocab_size, (rows, length))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[-1, -64:] = 0
+    targets = torch.roll(ids, -1, dims=1).flatten()
+
+    def step():
+        logits = model(input_ids=ids, attention_mask=attention_mask).logits.flatten(0, 1)
+        logprobs, _ = chunked_logprobs(logits, targets, chunk)
+        del logits  # from here only the chunks' checkpoints hold the logits, as in response_logprobs
+        (-logprobs.mean()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as while accumulating a mini-batch
+
+    step()
+    warm_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before_step = process.memory_info().rss
+    step()
+    return {"params": sum(p.numel() for p in model.parameters()), "before_model": before_model,
+            "before_step": before_step, "warm_peak": warm_peak,
+            "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _measure_in_child(queue, s: Shape, rows: int, length: int, chunk: int) -> None:
+    queue.put(measure_step(s, rows, length, chunk))
+
+
+def measure_in_fresh_process(case: dict, environment: dict) -> dict:
+    """`measure_step` in a new interpreter started with `environment` added to this one's."""
+    import os
+
+    context, saved = multiprocessing.get_context("spawn"), dict(os.environ)
+    os.environ.update(environment)
+    try:
+        queue = context.Queue()
+        child = context.Process(target=_measure_in_child,
+                                args=(queue, case["shape"], case["rows"], case["length"], case["chunk"]))
+        child.start()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    measured = queue.get()
+    child.join()
+    return measured
+
+
+def check_on_cpu() -> dict:
+    """Predicted vs measured memory of one float32 training micro-batch on this CPU, for each CPU_CHECK
+    shape and allocator setting: the states (16 B per parameter; measured as the memory gained from before
+    the model was built to just before the measured step) and the activations (this plan's activation
+    peak; measured as the peak minus the memory just before the step). Single process, no FSDP: nothing
+    is all-gathered."""
+    results = []
+    for case in CPU_CHECK:
+        s, tokens = case["shape"], case["rows"] * case["length"]
+        act = activation_peak(s, tokens, 4, case["chunk"])
+        predicted = {"states": training_states(model_params(s, False), 1), "activations": act["peak"]}
+        predicted["total"] = sum(predicted.values())
+        for allocator, environment in ALLOCATORS.items():
+            m = measure_in_fresh_process(case, environment)
+            measured = {"states": m["before_step"] - m["before_model"], "activations": m["peak"] - m["before_step"]}
+            measured["total"] = sum(measured.values())
+            results.append({
+                "shape": asdict(s), "rows": case["rows"], "length": case["length"], "tokens": tokens,
+                "chunk": case["chunk"], "allocator": allocator,
+                "params_counted": model_params(s, False), "params_built": m["params"],
+                "predicted_terms_gib": {k: round(act[k] / GiB, 3) for k in
+                                        ("checkpointed_inputs", "logits_and_gradient", "logprob_chunk", "layer_recompute")},
+                "binding": act["binding"],
+                **{f"{k}_gib": {"predicted": round(predicted[k] / GiB, 3), "measured": round(measured[k] / GiB, 3),
+                                "relative_error": round(predicted[k] / measured[k] - 1, 3)} for k in predicted},
+                "measured_step_set_the_peak": m["peak"] > m["warm_peak"],
+            })
+    print(f"{'shape':<20}{'tokens':>7}  {'allocator':<18}{'term':<13}{'predicted':>10}{'measured':>10}{'error':>8}  (GiB)")
+    for r in results:
+        name = f"h{r['shape']['hidden_size']} L{r['shape']['num_hidden_layers']} V{r['shape']['vocab_size']}"
+        for k in ("states", "activations", "total"):
+            c = r[f"{k}_gib"]
+            print(f"{name:<20}{r['tokens']:>7}  {r['allocator']:<18}{k:<13}{c['predicted']:>10.3f}{c['measured']:>10.3f}"
+                  f"{c['relative_error']:>+8.1%}")
+    report = {"dtype": "float32", "cases": results}
+    out = ROOT / "benchmarks" / "results" / "memory_plan_cpu_check.json"
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+    return report
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

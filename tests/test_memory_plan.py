@@ -1,0 +1,132 @@
+"""The memory planner's arithmetic on hand-worked examples. The comparison with measured memory is run by
+hand (`python benchmarks/memory_plan.py --check-on-cpu`); nothing here measures or times anything."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import memory_plan as mp  # noqa: E402
+
+GiB = 2**30
+
+# A made-up shape small enough to count by hand: hidden 8 (2 heads of 4), 1 key-value head, MLP 16,
+# 2 layers, vocabulary 32, lm_head untied.
+TINY = mp.Shape(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=32, tie_word_embeddings=False)
+# one layer: q 8*8 + 8 = 72; k and v 2 * (8*4 + 4) = 72; o 8*8 = 64; gate, up, down 3 * 8*16 = 384; norms 2*8 = 16
+LAYER = 72 + 72 + 64 + 384 + 16  # 608
+POLICY = 2 * LAYER + 32 * 8 + 8 + 32 * 8  # layers, embeddings, final norm, lm_head: 1736
+CRITIC = 2 * LAYER + 32 * 8 + 8 + 8 + 1  # the lm_head replaced by a value head (8 weights and a bias): 1489
+
+
+def test_parameter_counts_of_the_qwen25_shapes_match_their_published_totals():
+    # the Hub's model sizes (494M, 1.54B, 7.62B) and 32B's count built on the meta device (32.76B)
+    published = {"qwen2.5-0.5b": 0.494e9, "qwen2.5-1.5b": 1.54e9, "qwen2.5-7b": 7.62e9, "qwen2.5-32b": 32.76e9}
+    for name, total in published.items():
+        assert mp.model_params(mp.SHAPES[name], value_head=False) == pytest.approx(total, rel=0.005), name
+    # the 32B critic: the policy less its untied lm_head (152,064 x 5,120), plus a value head (5,120 + 1)
+    assert mp.model_params(mp.SHAPES["qwen2.5-32b"], value_head=True) == pytest.approx(31.99e9, rel=0.005)
+    # tied (1.5B): the critic keeps the embeddings and adds only the value head
+    s = mp.SHAPES["qwen2.5-1.5b"]
+    assert mp.model_params(s, True) - mp.model_params(s, False) == 1536 + 1
+
+
+def test_parameter_count_of_a_tiny_shape_by_hand():
+    assert mp.layer_params(TINY) == LAYER == 608
+    assert mp.root_params(TINY, value_head=False) == 32 * 8 + 8 + 32 * 8 == 520
+    assert mp.root_params(TINY, value_head=True) == 32 * 8 + 8 + 9 == 273
+    assert mp.model_params(TINY, False) == POLICY == 1736
+    assert mp.model_params(TINY, True) == CRITIC == 1489
+
+
+def test_training_terms_of_a_tiny_shape_by_hand():
+    assert mp.training_states(POLICY, 2) == 16 * 1736 / 2 == 13888  # fp32 weight, grad, two AdamW moments
+    assert mp.resident_states(POLICY, 2) == 12 * 1736 / 2 == 10416  # the gradients freed
+    # the policy's root (520) gathered with its gradient, two layers gathered and one layer's gradient, bf16
+    assert mp.fsdp_gathered(TINY, 2) == (2 * 520 + 3 * 608) * 2 == 5728
+    assert mp.rmsnorm_saved(2) == 2 + 1 + 1  # an fp32 copy (two bf16 units), normalised, weighted output
+    assert mp.rmsnorm_saved(4) == 1 + 1 + 1
+    # 10 tokens: 2 layer inputs + the final norm's 4 units, each 10 x 8 x 2 B
+    assert mp.checkpointed_inputs(TINY, 10, 2) == (2 + 4) * 10 * 8 * 2 == 960
+    # hidden-sized: 2 norms x 4 + attention 5 + gradients 2 = 15; intermediate-sized 6
+    assert mp.layer_recompute(TINY, 10, 2) == 10 * (15 * 8 + 6 * 16) * 2 == 4320
+    assert mp.layer_recompute(TINY, 10, 4) == 10 * (13 * 8 + 6 * 16) * 4 == 8000  # fp32 norms: 3 units each
+    assert mp.logits_and_gradient(TINY, 10, 2) == 2 * 10 * 32 * 2 == 1280
+    assert mp.logprob_chunk(TINY, 10, 2, chunk=4) == 4.5 * 4 * 32 * 4 == 2304  # 4.5 fp32 copies of a chunk
+    assert mp.logprob_chunk(TINY, 10, 4, chunk=4) == 3 * 4 * 32 * 4 == 1536  # no upcast, no cast back
+    assert mp.logprob_chunk(TINY, 10, 2) == 4.5 * 10 * 32 * 4 == 5760  # a chunk never exceeds the tokens
+    assert mp.rollout_tensors(rows=3, length=100) == 36 * 300 == 10800
+    # the log-prob backward (1280 + 2304) is smaller than a layer's recompute (4320): that one is the peak
+    act = mp.activation_peak(TINY, 10, 2, chunk=4)
+    assert (act["peak"], act["binding"]) == (960 + 4320, "layer_recompute")
+    # with 4,096-position chunks the log-prob backward (1280 + 5760) is the larger
+    phase = mp.training_phase(TINY, gpus=2, tokens=10, b=2, rows=3, length=100)
+    assert phase["not_at_peak"] == ["layer_recompute"]
+    # states, gathered units, checkpoints, logits + gradient + chunk, 2 rows of 100 positions, vLLM asleep
+    assert phase["peak"] == 13888 + 16 * 1489 / 2 + 5728 + 960 + 1280 + 5760 + 36 * 2 * 100 + 2.5 * GiB
+
+
+def test_generation_terms_of_a_tiny_shape_by_hand():
+    assert mp.engine_weights(POLICY, tp=2, b=2) == 1736
+    assert mp.kv_bytes_per_token(TINY, tp=1, b=2) == 2 * 2 * 1 * 4 * 2 == 32  # K and V, 2 layers, 1 head of 4
+    assert mp.kv_bytes_per_token(TINY, tp=2, b=2) == 32  # a single key-value head is replicated, not split
+    # 16,384 profiled tokens x (3 x 16 + 4 x 8) x 2 B, and the sampler's 1,024 x 32 logits and probabilities
+    assert mp.engine_workspace(TINY, tp=1, b=2) == 16384 * 80 * 2 + 1024 * 32 * 4 * 2 == 2_883_584
+    gen = mp.generation_phase(TINY, gpus=2, tp=1, utilization=0.5, gpu_bytes=8 * GiB, b=2)
+    kv = 4 * GiB - 2 * 1736 - 2_883_584 - 2.5 * GiB  # the engine's half of 8 GiB less weights, workspace, residue
+    assert gen["terms"]["vllm_kv_cache"] == kv
+    assert gen["kv_tokens"] == math.floor(kv / 32)
+    assert gen["peak"] == 12 * 1736 / 2 + 12 * 1489 / 2 + 4 * GiB
+
+
+def test_smallest_gpu_count_where_the_gpu_size_is_made_to_fit_from_exactly_20():
+    s = mp.SHAPES["qwen2.5-7b"]
+    args = mp.Args(model="qwen2.5-7b", micro_batch_tokens=16384)
+    length, rows = args.prompt_tokens + args.response_tokens, args.prompts * args.samples
+    # a GPU whose usable share is the training peak on 20 GPUs (the largest pass is the 22,528-token row)
+    peak_at_20 = mp.training_phase(s, 20, length, 2, rows, length)["peak"]
+    args.gpu_gb = (peak_at_20 + 1) / mp.USABLE_FRACTION / GiB
+    assert not mp.plan(s, 19, args)["fits"]
+    assert mp.plan(s, 20, args)["generation"]["peak"] <= peak_at_20 + 1  # generating fits there too
+    assert mp.smallest_gpus(s, args, step=1)["gpus"] == 20
+    assert mp.smallest_gpus(s, args, step=8)["gpus"] == 24  # whole nodes
+    # a GPU smaller than what sleeping vLLM keeps fits nowhere
+    assert mp.smallest_gpus(s, mp.Args(gpu_gb=2.0), step=8) is None
+
+
+def test_cli_plans_a_local_config_json(tmp_path, capsys):
+    s = mp.SHAPES["qwen2.5-1.5b"]
+    model_dir = tmp_path / "my-qwen"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "qwen2", **vars(s)}))
+    out = tmp_path / "plan.json"
+    report = mp.main(tyro.cli(mp.Args, args=[str(model_dir / "config.json"), "--gpus", "8", "--json", str(out)]))
+    printed = capsys.readouterr().out
+    assert "my-qwen on 8 x 80 GiB" in printed and "vLLM KV cache" in printed and "smallest whole nodes: 8 GPUs" in printed
+    written = json.loads(out.read_text())
+    assert written == json.loads(json.dumps(report))
+    assert written["policy_params"] == mp.model_params(s, False)
+    assert written["plan"]["gpus"] == 8 and written["plan"]["fits"]
+    assert written["plan"]["tensor_parallel_size"] == 1  # 1.5B's weights and a group's KV fit one GPU
+    with pytest.raises(SystemExit):
+        mp.load_shape(str(tmp_path / "missing"))
+
+
+def test_chunked_logprobs_match_a_full_log_softmax_with_gradients():
+    torch.manual_seed(0)
+    logits = torch.randn(10, 7, requires_grad=True)
+    tokens = torch.randint(7, (10,))
+    logprobs, entropy = mp.chunked_logprobs(logits, tokens, chunk=4)
+    full = torch.log_softmax(logits, dim=-1)
+    torch.testing.assert_close(logprobs, full.gather(-1, tokens[:, None]).squeeze(-1))
+    torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1))
+    (grad,) = torch.autograd.grad(logprobs.sum(), logits)
+    (expected,) = torch.autograd.grad(full.gather(-1, tokens[:, None]).sum(), logits)
+    torch.testing.assert_close(grad, expected)

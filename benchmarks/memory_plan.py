@@ -5,7 +5,7 @@ engine's weights and KV cache, awake and asleep; the smallest GPU count that fit
     python benchmarks/memory_plan.py qwen2.5-32b                     # smallest whole nodes of 8 x 80 GB
     python benchmarks/memory_plan.py qwen2.5-7b --gpus 8 --json plan.json
     python benchmarks/memory_plan.py path/to/config.json --gpus 16 --micro-batch-tokens 32768
-    python benchmarks/memory_plan.py --check-on-cpu                  # predicted vs measured peak, two small shapes
+    python benchmarks/memory_plan.py --check-on-cpu                  # predicted vs measured peak, small shapes
 
 MODEL_OR_CONFIG is a shape name (qwen2.5-0.5b, -1.5b, -7b, -32b: the sizes in their config.json) or a
 Qwen2 config.json / model directory; nothing is downloaded. The critic is the same backbone with a value
@@ -18,8 +18,8 @@ on the GPU while it generates). The per-GPU peak is the larger of the training p
 phase; a GPU's usable memory is 0.9 of it (CUDA context, NCCL and allocator fragmentation take the rest).
 
 `--check-on-cpu` runs one training micro-batch (policy forward and backward with gradient checkpointing,
-chunked log-probs, AdamW step) at two small shapes with Qwen2.5's vocabulary, in float32, each in a fresh
-process, and compares the peak memory with this plan's prediction for the same dtype
+chunked log-probs, AdamW step) at two small shapes with Qwen2.5's vocabulary and one with a small
+vocabulary, in float32, each in a fresh process, and compares the peak memory with this plan's prediction for the same dtype
 (benchmarks/results/memory_plan_cpu_check.json).
 """
 
@@ -67,7 +67,7 @@ class Args:
     json: str | None = None
     """also write the plan to this file."""
     check_on_cpu: bool = False
-    """measure the peak memory of one training micro-batch at two small shapes and compare with the plan."""
+    """measure the peak memory of one training micro-batch at three small shapes and compare with the plan."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ phase; a GPU's usable memory is 0.9 of it (CUDA context, NCCL and allocator frag
 
 `--check-on-cpu` runs one training micro-batch (policy forward and backward with gradient checkpointing,
 chunked log-probs, AdamW step) at two small shapes with Qwen2.5's vocabulary and one with a small
-vocabulary, in float32, each in a fresh process, and compares the peak memory with this plan's prediction for the same dtype
-(benchmarks/results/memory_plan_cpu_check.json).
+vocabulary, in float32, each in a fresh process, and compares the peak memory with this plan's prediction
+for the same dtype (benchmarks/results/memory_plan_cpu_check.json).
 """
 
 from __future__ import annotations

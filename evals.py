@@ -537,9 +537,9 @@ def run_toolhop(sampler, tokenizer, items: list[dict], sampling: Sampling, max_t
 
 
 def call_tool(functions: list[str], call: dict, timeout: float) -> str:
-    """One call, run from the row's source that defines its name; a name no source defines gets the
-    authors' NameError text ("name 'x' is not defined")."""
-    return execute_tool(find_tool_source(functions, call["name"]) or "", call["name"], call["arguments"], timeout)
+    """One call, run from the row's sources that define its name (the last definition is the one called);
+    a name no source defines gets the authors' NameError text ("name 'x' is not defined")."""
+    return execute_tool(find_tool_source(functions, call["name"]), call["name"], call["arguments"], timeout)
 
 
 def _norm(text: str) -> str:

@@ -125,9 +125,10 @@ def invocation_errors(call: dict, tools: list[dict]) -> list[str]:
     a tool that was not offered, an argument the schema does not have, a required argument left out.
 
     `tools` are OpenAI-style function documents, `{"name", "description", "parameters"}`, with or
-    without the `{"type": "function", "function": ...}` wrapper.
+    without the `{"type": "function", "function": ...}` wrapper. When two documents share a name, the
+    last one is read: it describes the definition that runs (see `find_tool_source`).
     """
-    schemas = {tool.get("function", tool)["name"]: tool.get("function", tool) for tool in tools}
+    schemas = {tool.get("function", tool)["name"]: tool.get("function", tool) for tool in tools}  # the last wins
     if call["name"] not in schemas:
         return ["tool_hallucination"]
     parameters = schemas[call["name"]].get("parameters") or {}
@@ -140,13 +141,14 @@ def invocation_errors(call: dict, tools: list[dict]) -> list[str]:
     return errors
 
 
-def find_tool_source(functions: list[str], name: str) -> str | None:
-    """The source in `functions` that defines `name`, matched as the ToolHop authors match it: the
-    text between the first `def` and the next `(`."""
-    for source in functions:
-        if "def" in source and source.split("def", 1)[1].split("(", 1)[0].strip() == name:
-            return source
-    return None
+def find_tool_source(functions: list[str], name: str) -> str:
+    """The code that runs for a call of `name`, as the ToolHop authors build it (`code/evaluation_open.py`,
+    `get_feedback`): every source in `functions` whose text between the first `def` and the next `(` is
+    `name`, in order, as one program. Several rows define two tools with the same name; their sources run
+    one after the other, so the last definition is the function called. "" when no source defines it
+    (the call then fails with the authors' NameError text)."""
+    return "\n\n".join(source for source in functions
+                        if "def" in source and source.split("def", 1)[1].split("(", 1)[0].strip() == name)
 
 
 def tool_error(name: str, message: str) -> str:

@@ -275,6 +275,18 @@ def test_toolhop_model_garbage_is_a_failure_not_a_crash(tmp_path, toolhop, token
     assert summary["malformed_tool_calls"] == 1 and summary["no_answer_tag_%"] == 100.0
 
 
+def test_toolhop_a_tool_name_defined_twice_runs_and_is_checked_as_its_later_definition(tmp_path, toolhop, tokenizer):
+    row = next(r for r in toolhop[0] if r["id"] == 130)  # two extract_first_name tools with different parameters
+    later_only = {"full_name": "Chloë Alexandra Adele Emily Agnew", "ignore_prefixes": ["Ms."]}
+    earlier_only = {"full_name": "Spencer Willis", "international_format": True}
+    script = [tool_call("extract_first_name", later_only), tool_call("extract_first_name", earlier_only), "<answer>2</answer>"]
+    result, _ = run_toolhop(tmp_path, [row], lambda text, _: script[text.count("<tool_response>")], tokenizer)
+    tool_messages = [m["content"] for m in result["items"][0]["responses"][0] if m["role"] == "tool"]
+    assert tool_messages == ['"Chloë"', "an error occured when call extract_first_name: extract_first_name() got an "
+                                        "unexpected keyword argument 'international_format'"]
+    assert [c["errors"] for c in result["items"][0]["calls"]] == [[], ["parameter_hallucination"]]
+
+
 def test_toolhop_lenient_rule_is_the_authors(tmp_path):
     reply = [{"role": "user", "content": "q"}]
     assert evals.toolhop_correct(reply + [{"role": "assistant", "content": "<answer>1,990</answer>"}], "1990")

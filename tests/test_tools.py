@@ -82,7 +82,23 @@ def test_invocation_errors_follow_the_schema():
 def test_find_tool_source_matches_the_name_after_def():
     other = "def add_more(x):\n    return x\n"
     assert find_tool_source([other, ADD], "add") == ADD
-    assert find_tool_source([other, ADD], "mul") is None
+    assert find_tool_source([other, ADD], "mul") == ""
+    assert execute_tool(find_tool_source([other], "mul"), "mul", {}) == "an error occured when call mul: name 'mul' is not defined"
+
+
+def test_two_tools_with_one_name_run_and_are_checked_as_the_last_definition():
+    """ToolHop's authors exec every source defining the name, in order: the later definition is called."""
+    earlier = "def lookup(name, year=None):\n    return ['earlier', name]\n"
+    later = "def lookup(name, country=None):\n    return ['later', name]\n\nprint(lookup('example usage'))\n"
+    source = find_tool_source([earlier, ADD, later], "lookup")
+    assert execute_tool(source, "lookup", {"name": "Ada", "country": "UK"}) == '["later", "Ada"]'
+    assert execute_tool(source, "lookup", {"name": "Ada", "year": 1815}) == (
+        "an error occured when call lookup: lookup() got an unexpected keyword argument 'year'")
+    schemas = [{"name": "lookup", "parameters": {"type": "object", "required": ["name"],
+                                                 "properties": {"name": {}, key: {}}}} for key in ("year", "country")]
+    assert invocation_errors({"name": "lookup", "arguments": {"name": "Ada", "country": "UK"}}, schemas) == []
+    assert invocation_errors({"name": "lookup", "arguments": {"name": "Ada", "year": 1815}}, schemas) == [
+        "parameter_hallucination"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import tyro
 
 from common.data import DataError, load_rows, require
 from common.rewards import check_choice, check_math_answer, math_equal
-from common.tools import execute_tool, find_tool_source, invocation_errors, parse_assistant_turn
+from common.tools import call_from_message, execute_tool, find_tool_source, invocation_errors, parse_assistant_turn
 
 # Small real data shipped with the project (data/README.md): AIME 2024 and 70 ToolHop queries with their
 # tools. The CPU default evaluates on them; any benchmark can read them with --data.
@@ -590,8 +590,9 @@ def score_toolhop(items: list[dict], responses: dict[str, list]) -> tuple[list[d
     records = []
     for item in items:
         conversations = [as_conversation(r) for r in responses[item["id"]]]
-        calls = [call["function"] for messages in conversations for m in messages if m.get("role") == "assistant"
-                 for call in m.get("tool_calls") or []]
+        stored = [call_from_message(call) for messages in conversations for m in messages
+                  if m.get("role") == "assistant" for call in m.get("tool_calls") or []]
+        calls = [call for call in stored if call is not None]
         raws = [m.get("raw", "") for messages in conversations for m in messages if m.get("role") == "assistant"]
         strict = [toolhop_strict_answer(messages) for messages in conversations]
         records.append({
@@ -602,7 +603,7 @@ def score_toolhop(items: list[dict], responses: dict[str, list]) -> tuple[list[d
             "turns": sum(m.get("role") == "assistant" for messages in conversations for m in messages),
             "calls": [{"name": c["name"], "arguments": c["arguments"],
                        "errors": invocation_errors(c, item["tools"]) if item["tools"] else []} for c in calls],
-            "malformed_calls": sum(len(parse_assistant_turn(raw).malformed) for raw in raws),
+            "malformed_calls": sum(len(parse_assistant_turn(raw).malformed) for raw in raws) + stored.count(None),
             "parallel_calls": any(len(m.get("tool_calls") or []) > 1 for messages in conversations for m in messages),
         })
     n = len(items)

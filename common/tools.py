@@ -8,6 +8,7 @@ Qwen2.5's format (its chat template, `common.models.QWEN25_CHAT_TEMPLATE`):
 
     parse_tool_calls(text)                     # [{"name": ..., "arguments": {...}}, ...]
     parse_assistant_turn(text)                 # content before the calls, the calls, unreadable blocks
+    call_from_message(tool_call)               # a call as a chat message stores it (arguments may be a JSON string)
     invocation_errors(call, tools)             # ["tool_hallucination" | "parameter_hallucination" | "parameter_missing"]
     execute_tool(source, name, arguments)      # the text the model sees: a JSON result or an error
 
@@ -118,6 +119,19 @@ def parse_tool_calls(text: str) -> list[dict]:
     if turn.malformed:
         raise ToolCallParseError(f"tool call is not a JSON object with a string \"name\": {turn.malformed[0][:200]!r}")
     return turn.calls
+
+
+def call_from_message(tool_call) -> dict | None:
+    """A tool call as a chat message stores it, `{"type": "function", "function": {"name", "arguments"}}`,
+    as {"name": str, "arguments": dict}; None when it is no such call. OpenAI's format, in which the ToolHop
+    authors save their conversations, holds `arguments` as a JSON string; it is decoded here."""
+    function = tool_call.get("function", tool_call) if isinstance(tool_call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        return None
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        arguments = _read_json(arguments) if arguments.strip() else {}
+    return {"name": function["name"], "arguments": arguments} if isinstance(arguments, dict) else None
 
 
 def invocation_errors(call: dict, tools: list[dict]) -> list[str]:

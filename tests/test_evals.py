@@ -241,6 +241,38 @@ def test_toolhop_hallucinated_and_missing_parameters_get_the_authors_errors(tmp_
     assert summary["answer_correctness"] == 100.0 and summary["turns_per_query"] == 5
 
 
+def test_toolhop_rescores_conversations_saved_in_the_openai_format(tmp_path, toolhop):
+    """The authors save calls as OpenAI messages: `arguments` a JSON string, an id, content None before a call."""
+    row = toolhop[0][0]
+    name = next(iter(row["tools"].values()))["name"]
+
+    def calling(called, arguments):
+        return {"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"call_{called}", "type": "function", "function": {"name": called, "arguments": json.dumps(arguments)}}]}
+
+    conversation = [
+        {"role": "user", "content": "question"},
+        calling("imdb_search", {"query": "Firefly"}),  # not offered
+        {"role": "tool", "content": "an error occured when call imdb_search: ...", "tool_call_id": "call_imdb_search"},
+        calling(name, {"character_name": "Kaylee Frye", "series_name": "Firefly", "season": 1}),  # extra argument
+        calling(name, {"series_name": "Firefly"}),  # a required argument left out
+        calling(name, {"character_name": "Kaylee Frye", "series_name": "Firefly"}),  # right
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_x", "type": "function", "function": {"name": name, "arguments": "[1, 2]"}}]},  # no object
+        {"role": "tool", "content": '"Jewel Staite"', "tool_call_id": "call_x"},
+        {"role": "assistant", "content": "<answer>2011</answer>"},
+    ]
+    data = write_jsonl(tmp_path / "toolhop.jsonl", [row])
+    saved = write_jsonl(tmp_path / "saved.jsonl", [{"id": row["id"], "responses": [conversation]}])
+    result = evals.evaluate(evals.Args(bench="toolhop", data=data, responses=saved, out_dir=str(tmp_path / "out")))
+    assert [c["errors"] for c in result["items"][0]["calls"]] == [
+        ["tool_hallucination"], ["parameter_hallucination"], ["parameter_missing"], []]
+    summary = result["summary"]
+    assert summary["invocation_error_instance_%"] == 75.0 and summary["malformed_tool_calls"] == 1
+    for kind in evals.INVOCATION_ERRORS:
+        assert summary[f"{kind}_instance_%"] == 25.0
+
+
 def test_toolhop_hostile_tools_are_contained_and_the_run_completes(tmp_path, toolhop, tokenizer):
     outside = tmp_path / "escaped.txt"
     hostile = {

@@ -14,6 +14,7 @@ import pytest
 
 from common.tools import (
     ToolCallParseError,
+    call_from_message,
     execute_tool,
     find_tool_source,
     invocation_errors,
@@ -77,6 +78,15 @@ def test_invocation_errors_follow_the_schema():
     assert invocation_errors({"name": "add", "arguments": {"b": 2}}, tools) == ["parameter_missing"]
     assert invocation_errors({"name": "add", "arguments": {"c": 2}}, tools) == ["parameter_hallucination",
                                                                                 "parameter_missing"]
+
+
+def test_calls_stored_in_messages_are_read_whether_arguments_are_a_dict_or_a_json_string():
+    ours = {"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
+    openai = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
+    assert call_from_message(ours) == call_from_message(openai) == {"name": "add", "arguments": {"a": 1}}
+    assert call_from_message({"function": {"name": "add", "arguments": ""}}) == {"name": "add", "arguments": {}}
+    assert call_from_message({"function": {"name": "add", "arguments": "[1]"}}) is None
+    assert call_from_message({"function": {"arguments": "{}"}}) is None
 
 
 def test_find_tool_source_matches_the_name_after_def():

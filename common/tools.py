@@ -1,10 +1,14 @@
 """Tool calls: parsing them out of a model's text, checking them against the tools' schemas, and
 running a dataset's tool code in a sandboxed child process.
 
-Qwen2.5's format (its chat template, `common.models.QWEN25_CHAT_TEMPLATE`):
+Two formats are read, the two the ToolHop paper evaluates (its authors' `code/evaluation_open.py`,
+`parse_qwen25` and `parse_llama31`). Qwen2.5's (its chat template, `common.models.QWEN25_CHAT_TEMPLATE`):
     <tool_call>
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
+Llama-3.1's: the reply is the JSON, optionally after `<|python_tag|>` (a special token, so it is gone from
+text decoded without special tokens), with the arguments under "parameters":
+    {"name": "get_weather", "parameters": {"city": "Paris"}}
 
     parse_tool_calls(text)                     # [{"name": ..., "arguments": {...}}, ...]
     parse_assistant_turn(text)                 # content before the calls, the calls, unreadable blocks
@@ -55,30 +59,34 @@ MEMORY_LIMIT_BYTES = 1 << 30  # 1 GiB of address space per call; ToolHop's tools
 FILE_LIMIT_BYTES = 16 << 20  # largest file a tool may write in its working directory
 
 _TOOL_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)
+_PYTHON_TAG = "<|python_tag|>"
 _REPAIR_MAX_CHARS = 20_000
 
 
 class ToolCallParseError(ValueError):
-    """The text has a <tool_call> block that is not a JSON object with a string "name"."""
+    """The text has a tool-call block that is not a JSON object with a string "name"."""
 
 
 @dataclass
 class AssistantTurn:
-    content: str  # the text before the first <tool_call> (all of it when there is none), stripped
+    content: str  # the text before the first call (all of it when there is none), stripped
     calls: list[dict] = field(default_factory=list)  # {"name": str, "arguments": dict}, in order
     malformed: list[str] = field(default_factory=list)  # blocks that are no call even after JSON repair
 
 
 def parse_assistant_turn(text: str) -> AssistantTurn:
-    """Split a model's reply into its content and its tool calls, as the ToolHop authors do.
+    """Split a model's reply into its content and its tool calls, as the ToolHop authors do: Qwen2.5's
+    `<tool_call>` blocks when the reply has one, else Llama-3.1's JSON call."""
+    if "<tool_call>" in text:
+        return _parse_qwen25(text)
+    return _parse_llama31(text)
 
-    Each `<tool_call>` block is read with `json_repair` (a missing brace or single quotes are
-    forgiven), a block left open at the end of the text is read too, and `arguments` given as a JSON
-    string are decoded. A block that still is no {"name": str, "arguments": dict} object is kept in
-    `malformed` and not called.
-    """
-    start = text.find("<tool_call>")
-    turn = AssistantTurn(content=(text if start < 0 else text[:start]).strip())
+
+def _parse_qwen25(text: str) -> AssistantTurn:
+    """Each `<tool_call>` block read with `json_repair` (a missing brace or single quotes are forgiven), a
+    block left open at the end of the text too, and `arguments` given as a JSON string decoded. A block
+    that still is no {"name": str, "arguments": dict} object is kept in `malformed` and not called."""
+    turn = AssistantTurn(content=text[: text.find("<tool_call>")].strip())
     for block in _TOOL_CALL.findall(text):
         call = _read_json(block)
         arguments = call.get("arguments", {}) if isinstance(call, dict) else None
@@ -89,6 +97,35 @@ def parse_assistant_turn(text: str) -> AssistantTurn:
             continue
         turn.calls.append({"name": call["name"], "arguments": arguments})
     return turn
+
+
+def _parse_llama31(text: str) -> AssistantTurn:
+    """The JSON after `<|python_tag|>`, or the whole reply when it is a JSON object or list: a call is
+    {"name": str, "parameters": dict or JSON string}. Only the first call is kept (Llama-3.1 makes one
+    call per turn; the authors' `parse_llama31` keeps the first). A reply that is no call is content; JSON
+    after `<|python_tag|>` that is no call is malformed."""
+    tagged = text.find(_PYTHON_TAG)
+    payload = (text[tagged + len(_PYTHON_TAG):] if tagged >= 0 else text).strip()
+    if tagged < 0 and not payload.startswith(("{", "[")):
+        return AssistantTurn(content=text.strip())
+    parsed = _read_json(payload)
+    calls = [call for call in map(_llama31_call, parsed if isinstance(parsed, list) else [parsed]) if call]
+    before = text[:tagged].strip() if tagged >= 0 else ""
+    if calls:
+        return AssistantTurn(content=before, calls=calls[:1])
+    if tagged >= 0:
+        return AssistantTurn(content=before, malformed=[payload])
+    return AssistantTurn(content=text.strip())
+
+
+def _llama31_call(candidate) -> dict | None:
+    """{"name": str, "parameters": dict or JSON string} as {"name", "arguments": dict}; None if it is not one."""
+    if not isinstance(candidate, dict) or not isinstance(candidate.get("name"), str):
+        return None
+    arguments = candidate.get("parameters")
+    if isinstance(arguments, str):
+        arguments = _read_json(arguments) if arguments.strip() else {}
+    return {"name": candidate["name"], "arguments": arguments} if isinstance(arguments, dict) else None
 
 
 def _read_json(text: str):
@@ -110,10 +147,10 @@ def _read_json(text: str):
 
 
 def parse_tool_calls(text: str) -> list[dict]:
-    """Every `<tool_call>` block of `text` as {"name": str, "arguments": dict}, in order.
+    """Every tool call of `text` (see `parse_assistant_turn`) as {"name": str, "arguments": dict}, in order.
 
     Raises ToolCallParseError on a block that cannot be read as a call even after JSON repair; text
-    without any block gives [].
+    without any call gives [].
     """
     turn = parse_assistant_turn(text)
     if turn.malformed:

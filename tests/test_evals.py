@@ -186,19 +186,25 @@ def test_toolhop_gold_answers_score_100_under_the_authors_rule(tmp_path, toolhop
     assert ("you must call the tool at every step" in model.prompts[0]) == (scenario == "mandatory")
 
 
-def test_toolhop_gold_tool_calls_reach_the_answer_through_the_real_tools(tmp_path, toolhop, tokenizer):
-    rows, gold_calls = toolhop
-    traced = [row for row in rows if row["id"] in gold_calls]
-    by_question = {row["question"]: row for row in traced}
+def gold_call_replies(rows, gold_calls, call_format=tool_call):
+    """A scripted model that makes each row's gold calls in turn, in `call_format`, then answers with the
+    last tool output."""
+    by_question = {row["question"]: row for row in rows}
 
     def reply(text, _):
         row = by_question[question_of(text)]
         done = text.count("<tool_response>")
         if done < len(gold_calls[row["id"]]):
-            return tool_call(*call_from_expression(gold_calls[row["id"]][done], row["functions"]))
+            return call_format(*call_from_expression(gold_calls[row["id"]][done], row["functions"]))
         return "<answer>" + text.rsplit("<tool_response>\n", 1)[1].split("\n</tool_response>")[0] + "</answer>"
 
-    result, _ = run_toolhop(tmp_path, traced, reply, tokenizer)
+    return reply
+
+
+def test_toolhop_gold_tool_calls_reach_the_answer_through_the_real_tools(tmp_path, toolhop, tokenizer):
+    rows, gold_calls = toolhop
+    traced = [row for row in rows if row["id"] in gold_calls]
+    result, _ = run_toolhop(tmp_path, traced, gold_call_replies(traced, gold_calls), tokenizer)
     summary = result["summary"]
     assert summary["queries"] == 15 and summary["answer_correctness"] == 100.0
     assert summary["invocation_error_query_%"] == 0.0 and summary["calls_per_query"] > 3
@@ -212,6 +218,19 @@ def test_toolhop_gold_tool_calls_reach_the_answer_through_the_real_tools(tmp_pat
     again = evals.evaluate(evals.Args(bench="toolhop", data=str(tmp_path / "toolhop.jsonl"), responses=saved,
                                       out_dir=str(tmp_path / "again")))
     assert again["summary"] == summary
+
+
+def test_toolhop_reads_llama31_tool_calls(tmp_path, toolhop, tokenizer):
+    """Llama-3.1 calls as bare JSON with "parameters" (its `<|python_tag|>` is a special token, gone from the
+    decoded text), the format of the paper's Llama rows."""
+    rows, gold_calls = toolhop
+    traced = [row for row in rows if row["id"] in gold_calls][:4]
+    llama31 = lambda name, arguments: json.dumps({"name": name, "parameters": arguments})  # noqa: E731
+    result, _ = run_toolhop(tmp_path, traced, gold_call_replies(traced, gold_calls, llama31), tokenizer)
+    summary = result["summary"]
+    assert summary["answer_correctness"] == 100.0
+    assert summary["calls_per_query"] == sum(len(gold_calls[row["id"]]) for row in traced) / 4
+    assert summary["invocation_error_query_%"] == 0.0 and summary["malformed_tool_calls"] == 0
 
 
 def test_toolhop_hallucinated_and_missing_parameters_get_the_authors_errors(tmp_path, toolhop, tokenizer):

@@ -70,6 +70,27 @@ def test_unreadable_calls_are_kept_aside_not_called(block):
         parse_tool_calls(text)
 
 
+@pytest.mark.parametrize("text, content, calls", [
+    ('{"name": "add", "parameters": {"a": 1}}', "", [{"name": "add", "arguments": {"a": 1}}]),  # decoded without specials
+    ('<|python_tag|>{"name": "add", "parameters": {"a": 1}}', "", [{"name": "add", "arguments": {"a": 1}}]),
+    ('Let me add.<|python_tag|>{"name": "add", "parameters": "{\\"a\\": 2}"}', "Let me add.",
+     [{"name": "add", "arguments": {"a": 2}}]),  # parameters as a JSON string
+    ('{"name": "add", "parameters": {"a": 1}', "", [{"name": "add", "arguments": {"a": 1}}]),  # a brace missing
+    ('[{"name": "add", "parameters": {"a": 1}}, {"name": "mul", "parameters": {}}]', "",
+     [{"name": "add", "arguments": {"a": 1}}]),  # one call per turn: the first
+    ("The sum is <answer>4</answer>", "The sum is <answer>4</answer>", []),
+    ('{"answer": 4}', '{"answer": 4}', []),  # JSON, but no call
+])
+def test_llama31_calls_are_read_as_the_toolhop_authors_read_them(text, content, calls):
+    turn = parse_assistant_turn(text)
+    assert (turn.content, turn.calls, turn.malformed) == (content, calls, [])
+
+
+def test_llama31_python_tag_followed_by_no_json_call_is_malformed():
+    turn = parse_assistant_turn('Searching.<|python_tag|>brave_search.call(query="Firefly")')
+    assert turn.content == "Searching." and turn.calls == [] and turn.malformed == ['brave_search.call(query="Firefly")']
+
+
 def test_invocation_errors_follow_the_schema():
     tools = [{"type": "function", "function": ADD_SCHEMA}]
     assert invocation_errors({"name": "add", "arguments": {"a": 1, "b": 2}}, tools) == []

@@ -60,7 +60,7 @@ FILE_LIMIT_BYTES = 16 << 20  # largest file a tool may write in its working dire
 
 _TOOL_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)
 _PYTHON_TAG = "<|python_tag|>"
-_REPAIR_MAX_CHARS = 20_000
+REPAIR_CHARS_PER_REPLY = 20_000  # json_repair's time grows with its input: what it may read of one reply
 
 
 class ToolCallParseError(ValueError):
@@ -76,22 +76,25 @@ class AssistantTurn:
 
 def parse_assistant_turn(text: str) -> AssistantTurn:
     """Split a model's reply into its content and its tool calls, as the ToolHop authors do: Qwen2.5's
-    `<tool_call>` blocks when the reply has one, else Llama-3.1's JSON call."""
+    `<tool_call>` blocks when the reply has one, else Llama-3.1's JSON call. Text that is not valid JSON
+    goes to json_repair, as theirs does, but at most REPAIR_CHARS_PER_REPLY characters of it per reply,
+    however many blocks the reply has, so that one reply's parse takes a bounded time."""
+    budget = _RepairBudget(REPAIR_CHARS_PER_REPLY)
     if "<tool_call>" in text:
-        return _parse_qwen25(text)
-    return _parse_llama31(text)
+        return _parse_qwen25(text, budget)
+    return _parse_llama31(text, budget)
 
 
-def _parse_qwen25(text: str) -> AssistantTurn:
+def _parse_qwen25(text: str, budget: _RepairBudget) -> AssistantTurn:
     """Each `<tool_call>` block read with `json_repair` (a missing brace or single quotes are forgiven), a
     block left open at the end of the text too, and `arguments` given as a JSON string decoded. A block
     that still is no {"name": str, "arguments": dict} object is kept in `malformed` and not called."""
     turn = AssistantTurn(content=text[: text.find("<tool_call>")].strip())
     for block in _TOOL_CALL.findall(text):
-        call = _read_json(block)
+        call = _read_json(block, budget)
         arguments = call.get("arguments", {}) if isinstance(call, dict) else None
         if isinstance(arguments, str):  # some models emit the arguments as a JSON string
-            arguments = _read_json(arguments) if arguments.strip() else {}
+            arguments = _read_json(arguments, budget) if arguments.strip() else {}
         if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not isinstance(arguments, dict):
             turn.malformed.append(block.strip())
             continue
@@ -99,7 +102,7 @@ def _parse_qwen25(text: str) -> AssistantTurn:
     return turn
 
 
-def _parse_llama31(text: str) -> AssistantTurn:
+def _parse_llama31(text: str, budget: _RepairBudget) -> AssistantTurn:
     """The JSON after `<|python_tag|>`, or the whole reply when it is a JSON object or list: a call is
     {"name": str, "parameters": dict or JSON string}. Only the first call is kept (Llama-3.1 makes one
     call per turn; the authors' `parse_llama31` keeps the first). A reply that is no call is content; JSON
@@ -108,8 +111,9 @@ def _parse_llama31(text: str) -> AssistantTurn:
     payload = (text[tagged + len(_PYTHON_TAG):] if tagged >= 0 else text).strip()
     if tagged < 0 and not payload.startswith(("{", "[")):
         return AssistantTurn(content=text.strip())
-    parsed = _read_json(payload)
-    calls = [call for call in map(_llama31_call, parsed if isinstance(parsed, list) else [parsed]) if call]
+    parsed = _read_json(payload, budget)
+    candidates = parsed if isinstance(parsed, list) else [parsed]
+    calls = [call for call in (_llama31_call(candidate, budget) for candidate in candidates) if call]
     before = text[:tagged].strip() if tagged >= 0 else ""
     if calls:
         return AssistantTurn(content=before, calls=calls[:1])
@@ -118,27 +122,39 @@ def _parse_llama31(text: str) -> AssistantTurn:
     return AssistantTurn(content=text.strip())
 
 
-def _llama31_call(candidate) -> dict | None:
+def _llama31_call(candidate, budget: _RepairBudget) -> dict | None:
     """{"name": str, "parameters": dict or JSON string} as {"name", "arguments": dict}; None if it is not one."""
     if not isinstance(candidate, dict) or not isinstance(candidate.get("name"), str):
         return None
     arguments = candidate.get("parameters")
     if isinstance(arguments, str):
-        arguments = _read_json(arguments) if arguments.strip() else {}
+        arguments = _read_json(arguments, budget) if arguments.strip() else {}
     return {"name": candidate["name"], "arguments": arguments} if isinstance(arguments, dict) else None
 
 
-def _read_json(text: str):
-    """`text` as JSON; if it is not valid JSON, as `json_repair` reads it (the ToolHop authors' parser);
-    None if neither can. json_repair is only tried on short texts: its time grows with the text, and a
-    block that long is no tool call."""
+class _RepairBudget:
+    """How many more characters json_repair may read for one reply."""
+
+    def __init__(self, chars: int):
+        self.chars_left = chars
+
+    def spend(self, text: str) -> bool:
+        if len(text) > self.chars_left:
+            return False
+        self.chars_left -= len(text)
+        return True
+
+
+def _read_json(text: str, budget: _RepairBudget):
+    """`text` as JSON; if it is not valid JSON, as `json_repair` reads it (the ToolHop authors' parser)
+    while the reply's budget lasts; None if neither can."""
     import json_repair
 
     try:
         return json.loads(text)
     except (ValueError, RecursionError):
         pass
-    if len(text) > _REPAIR_MAX_CHARS:
+    if not budget.spend(text):
         return None
     try:
         return json_repair.loads(text)
@@ -167,7 +183,7 @@ def call_from_message(tool_call) -> dict | None:
         return None
     arguments = function.get("arguments", {})
     if isinstance(arguments, str):
-        arguments = _read_json(arguments) if arguments.strip() else {}
+        arguments = _read_json(arguments, _RepairBudget(REPAIR_CHARS_PER_REPLY)) if arguments.strip() else {}
     return {"name": function["name"], "arguments": arguments} if isinstance(arguments, dict) else None
 
 

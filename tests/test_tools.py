@@ -91,6 +91,22 @@ def test_llama31_python_tag_followed_by_no_json_call_is_malformed():
     assert turn.content == "Searching." and turn.calls == [] and turn.malformed == ['brave_search.call(query="Firefly")']
 
 
+def test_json_repair_reads_a_bounded_number_of_characters_per_reply_not_per_block(monkeypatch):
+    """json_repair's time grows with its input, so a reply of many long broken blocks must not multiply it."""
+    import json_repair
+
+    from common import tools
+
+    read, repair = [], json_repair.loads
+    monkeypatch.setattr(json_repair, "loads", lambda text, *args, **kwargs: read.append(len(text)) or repair(text))
+    block = "{'name': 'add', 'arguments': {'a': 1}}" + " " * 12_000  # single quotes: only json_repair reads it
+    turn = parse_assistant_turn(f"<tool_call>{block}</tool_call>" * 5)
+    assert read == [len(block)] and tools.REPAIR_CHARS_PER_REPLY < 2 * len(block)
+    assert turn.calls == [{"name": "add", "arguments": {"a": 1}}] and len(turn.malformed) == 4
+    read.clear()
+    assert parse_assistant_turn(f"<tool_call>{block}</tool_call>").calls == turn.calls  # the next reply has its own
+
+
 def test_invocation_errors_follow_the_schema():
     tools = [{"type": "function", "function": ADD_SCHEMA}]
     assert invocation_errors({"name": "add", "arguments": {"a": 1, "b": 2}}, tools) == []

@@ -4,21 +4,31 @@ A model's output is never trusted to be well formed: every checker takes arbitra
 on it, and looks at a bounded amount of it, so its time is bounded too. A response from which no
 answer can be read is a *parse failure*; `Verdict.parse_failed` says so, and the training and
 evaluation scripts count these rather than folding them silently into "wrong".
+
+math-verify (sympy underneath) can compute for minutes on a short answer such as `10^{10^{10^{10}}}`,
+and its own time-outs use `signal.alarm`, which works only in the main thread. So its parse and
+comparison of one reply run in a child process (this file, run as a script) that is killed when the
+reply takes more than `MATH_VERIFY_SECONDS`, in whatever thread the check is called; a killed check is a
+parse failure, and the next one starts a fresh process.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import re
+import select
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
-
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+from pathlib import Path
 
 # DAPO's extraction (verl `math_dapo.py`): only the last 300 characters, the last "Answer:" line.
 ANSWER_TAIL_CHARS = 300
+MATH_VERIFY_SECONDS = 5.0  # math-verify's time for one reply: both parses and the comparison
 _ANSWER_LINE = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
 _MAX_ANSWER_CHARS = 200  # an "answer" longer than this is not one; it also bounds sympy's work
-_EXTRACTION = [LatexExtractionConfig(), ExprExtractionConfig()]
 
 
 @dataclass(frozen=True)
@@ -50,32 +60,16 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
-def _math_value(answer: str):
-    """math-verify's parse of an answer string, or [] when it is not a value.
-
-    math-verify bounds its own time with `signal.alarm`, which only works in the main thread; in other
-    threads we switch that off and rely on the answer-length bound instead.
-    """
-    answer = answer.strip().strip(".").strip()
-    if not answer or len(answer) > _MAX_ANSWER_CHARS:
-        return []
-    in_main = threading.current_thread() is threading.main_thread()
-    text = answer if "$" in answer or "\\boxed" in answer else f"${answer}$"
-    for candidate in (text, answer):
-        value = parse(candidate, extraction_config=_EXTRACTION, parsing_timeout=5 if in_main else None)
-        # math-verify returns [sympy value, source text]; a lone string means nothing was read
-        if value and not isinstance(value[0], str):
-            return value
-    return []
-
-
 def math_equal(predicted: str, gold: str) -> bool:
     """Whether two answer strings denote the same value (`"025"` = `"25"`, `"\\frac12"` = `"0.5"`)."""
-    gold_value, predicted_value = _math_value(gold), _math_value(predicted)
-    if not gold_value or not predicted_value:
-        return False
-    in_main = threading.current_thread() is threading.main_thread()
-    return bool(verify(gold_value, predicted_value, timeout_seconds=5 if in_main else None))
+    compared = _compare_in_time(predicted, gold)
+    return compared is not None and compared[1]
+
+
+def _compare_in_time(predicted: str, gold: str) -> tuple[bool, bool] | None:
+    """(the prediction is a value, it equals the gold) from the checker process; None when that took more
+    than MATH_VERIFY_SECONDS."""
+    return _CHECKER.compare(predicted, gold, MATH_VERIFY_SECONDS)
 
 
 def check_math_answer(response: str, gold: str) -> Verdict:
@@ -86,10 +80,10 @@ def check_math_answer(response: str, gold: str) -> Verdict:
     if extracted is None:
         return Verdict(False, None, True)
     boxed = extract_boxed(extracted)  # "Answer: \boxed{25}"
-    candidate = boxed if boxed is not None else extracted
-    if not _math_value(candidate):
+    compared = _compare_in_time(boxed if boxed is not None else extracted, gold)
+    if compared is None or not compared[0]:
         return Verdict(False, extracted, True)
-    return Verdict(math_equal(candidate, gold), extracted, False)
+    return Verdict(compared[1], extracted, False)
 
 
 _CHOICE_PATTERNS = [
@@ -121,3 +115,92 @@ def normalize_text(text: str) -> str:
 def exact_match(predicted: str, gold: str) -> bool:
     """Equality after lower-casing, trimming and collapsing whitespace."""
     return normalize_text(predicted) == normalize_text(gold)
+
+
+# --------------------------------------------------------------------------------------------------
+# The checker process: math-verify in a child, one reply at a time, killed when a reply overruns.
+# --------------------------------------------------------------------------------------------------
+
+
+class _Checker:
+    """The parent's side: starts the child on first use, sends it [predicted, gold], waits for the answer
+    at most `seconds`, and kills it (to be restarted on the next call) when the answer does not come."""
+
+    def __init__(self):
+        self.lock = threading.Lock()  # one reply at a time on the one pipe
+        self.process: subprocess.Popen | None = None
+
+    def compare(self, predicted: str, gold: str, seconds: float) -> tuple[bool, bool] | None:
+        with self.lock:
+            if self.process is None:
+                self.process = self._start()
+            try:
+                self.process.stdin.write((json.dumps([predicted, gold]) + "\n").encode())
+                self.process.stdin.flush()
+                answered = select.select([self.process.stdout], [], [], seconds)[0]
+                line = self.process.stdout.readline() if answered else b""
+            except OSError:  # the child died
+                line = b""
+            if not line:
+                self.stop()
+                return None
+            readable, equal = json.loads(line)
+            return readable, equal
+
+    @staticmethod
+    def _start() -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-I", "-B", str(Path(__file__).resolve()), "--compare-answers"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        if process.stdout.readline() != b"ready\n":  # importing math-verify and sympy: about a second
+            process.kill()
+            raise RuntimeError(f"the math-verify checker process ({sys.executable} {__file__} --compare-answers) "
+                               f"did not start; run that command to see why (is math-verify installed?)")
+        return process
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+_CHECKER = _Checker()
+atexit.register(_CHECKER.stop)
+
+
+def _serve_comparisons() -> None:
+    """The child's side: a line [predicted, gold] in, a line [readable, equal] out, until stdin closes."""
+    from math_verify import verify
+
+    print("ready", flush=True)
+    for line in sys.stdin:
+        predicted, gold = json.loads(line)
+        try:
+            predicted_value = _math_value(predicted)
+            gold_value = _math_value(gold) if predicted_value else []
+            # math-verify's own time-outs are off: the parent's deadline bounds this whole reply
+            equal = bool(gold_value) and bool(verify(gold_value, predicted_value, timeout_seconds=None))
+        except Exception:  # whatever a reply holds, it must not end the checker; it is then no value
+            predicted_value, equal = [], False
+        print(json.dumps([bool(predicted_value), equal]), flush=True)
+
+
+def _math_value(answer: str):
+    """math-verify's parse of an answer string, or [] when it is not a value."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    answer = answer.strip().strip(".").strip()
+    if not answer or len(answer) > _MAX_ANSWER_CHARS:
+        return []
+    text = answer if "$" in answer or "\\boxed" in answer else f"${answer}$"
+    for candidate in (text, answer):
+        value = parse(candidate, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
+                      parsing_timeout=None)
+        # math-verify returns [sympy value, source text]; a lone string means nothing was read
+        if value and not isinstance(value[0], str):
+            return value
+    return []
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--compare-answers"]:
+    _serve_comparisons()

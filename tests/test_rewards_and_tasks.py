@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from common.rewards import check_choice, check_math_answer, exact_match, extract_boxed, math_equal
+from common.rewards import Verdict, check_choice, check_math_answer, exact_match, extract_boxed, math_equal
 from common.sft import IGNORE_INDEX, tokenize_chat
 from common.tasks import QUICK_WARM_START, ArithmeticTask, greedy_accuracy, warm_start
 
@@ -47,6 +47,20 @@ def test_garbage_never_raises_and_is_bounded_in_time():
             start = time.perf_counter()
             verdict = check_math_answer(text, "42")
             assert not verdict.correct and time.perf_counter() - start < 5
+
+
+def test_a_reply_that_math_verify_computes_forever_is_cut_off_in_a_worker_thread_too(monkeypatch):
+    """sympy works for minutes on this tower of powers, holding the GIL, and math-verify's own time-out
+    (signal.alarm) is off outside the main thread: the check must still end, as a parse failure."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from common import rewards
+
+    monkeypatch.setattr(rewards, "MATH_VERIFY_SECONDS", 1.0)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        verdict = pool.submit(check_math_answer, "Answer: 10^{10^{10^{10}}}", "10").result(timeout=60)
+    assert verdict == Verdict(correct=False, extracted="10^{10^{10^{10}}}", parse_failed=True)
+    assert check_math_answer("Answer: 10", "10").correct  # the next reply gets a fresh checker
 
 
 def test_boxed_extraction_balances_braces():

@@ -41,7 +41,7 @@ from typing import Literal
 import tyro
 
 from common.data import DataError, load_rows, require
-from common.rewards import check_choice, check_math_answer, math_equal
+from common.rewards import check_choice, check_math_answer, check_qwen_math_answer, math_equal
 from common.tools import call_from_message, execute_tool, find_tool_source, invocation_errors, parse_assistant_turn
 
 # Small real data shipped with the project (data/README.md): AIME 2024 and 70 ToolHop queries with their
@@ -101,7 +101,8 @@ class Args:
     # ---- per benchmark ----
     aime_protocol: Literal["dapo", "boxed"] = "dapo"
     """AIME: "dapo", the DAPO/VAPO prompt ending in an `Answer:` line, avg@32 at T=1.0, top_p=0.7
-    (the papers' numbers); "boxed", the Qwen2.5-Math harness, answer in \\boxed{}, greedy pass@1."""
+    (the papers' numbers); "boxed", the Qwen2.5-Math harness: its \\boxed{} prompt, greedy pass@1, answers
+    read as it reads them (a box anywhere, "the answer is N", else the last number)."""
     judge_model: str | None = None
     """RoR-Bench: the LLM judge (hub id or directory), served by --backend; without one, only answers whose
     gold is a number are scored (math-verify), the others are counted as unscored."""
@@ -228,12 +229,15 @@ def aime_items(rows: list[dict], source: str, protocol: str) -> list[dict]:
     return items
 
 
-def score_aime(items: list[dict], responses: dict[str, list[str]]) -> tuple[list[dict], dict]:
-    """Each response graded by its `Answer:` line, else its last \\boxed{}; the value compared with
-    math-verify, so the gold "025" equals a model's 25. Either protocol's format is accepted."""
+def score_aime(items: list[dict], responses: dict[str, list[str]], protocol: str) -> tuple[list[dict], dict]:
+    """Each response graded as its protocol reads answers: "dapo", the `Answer:` line, else the last
+    \\boxed{} (verl's math_dapo, in DAPO's last 300 characters); "boxed", as the Qwen2.5-Math harness does
+    (Minerva's form, a \\boxed{} anywhere, "the answer is N", else the last number). The value is compared
+    with math-verify, so the gold "025" equals a model's 25."""
+    check = check_math_answer if protocol == "dapo" else check_qwen_math_answer
     records, correct = [], []
     for item in items:
-        verdicts = [check_math_answer(text, item["gold"]) for text in responses[item["id"]]]
+        verdicts = [check(text, item["gold"]) for text in responses[item["id"]]]
         correct.append([v.correct for v in verdicts])
         records.append({**item, "responses": responses[item["id"]], "extracted": [v.extracted for v in verdicts],
                         "correct": correct[-1], "parse_failed": [v.parse_failed for v in verdicts]})
@@ -765,7 +769,7 @@ def evaluate(args: Args, sampler=None, tokenizer=None, judge=None) -> dict:
             responses, truncated = generate(sampler, items, sampling, args.seed)
 
     if args.bench == "aime24":
-        records, summary = score_aime(items, responses)
+        records, summary = score_aime(items, responses, args.aime_protocol)
     elif args.bench == "ror_bench":
         if judge is None and args.judge_model:
             judge = sampler_for(args, args.judge_model)[0]

@@ -86,6 +86,55 @@ def check_math_answer(response: str, gold: str) -> Verdict:
     return Verdict(compared[1], extracted, False)
 
 
+def extract_qwen_math_answer(text: str) -> str | None:
+    """The answer as the Qwen2.5-Math evaluation harness reads it (`QwenLM/Qwen2.5-Math`
+    `evaluation/parser.py`, `extract_answer`), in its order: Minerva's "final answer is $X$. I hope", else
+    the last `boxed` anywhere in the text, else what follows the last "he answer is", else the last "final
+    answer is", else the first "答案是" (up to a blank line), else the last number. Line breaks inside it
+    are removed, then a leading ":" and a trailing "." or "/"; None when the text has no number at all."""
+    if "final answer is $" in text and "$. I hope" in text:
+        answer = text.split("final answer is $", 1)[1].split("$. I hope", 1)[0]
+    elif "boxed" in text:
+        answer = _after_last_boxed(text)
+    elif "he answer is" in text:
+        answer = text.split("he answer is")[-1]
+    elif "final answer is" in text:
+        answer = text.split("final answer is")[-1]
+    elif "答案是" in text:
+        answer = text.split("答案是")[1].strip().split("\n\n")[0]
+    else:
+        numbers = re.findall(r"-?\d*\.?\d+", text.replace(",", ""))
+        if not numbers:
+            return None
+        answer = numbers[-1]
+    answer = re.sub(r"\n\s*", "", answer.strip())
+    answer = answer[1:] if answer.startswith(":") else answer
+    return answer[:-1] if answer.endswith((".", "/")) else answer
+
+
+def _after_last_boxed(text: str) -> str:
+    """What follows the last "boxed": its braces' content, balanced, or else the text up to a "$"."""
+    after = text.split("boxed")[-1]
+    if not after.startswith("{"):
+        return after.split("$")[0]
+    depth = 0
+    for i, character in enumerate(after[:10_000]):
+        depth += {"{": 1, "}": -1}.get(character, 0)
+        if depth == 0:
+            return after[1:i]
+    return after[1:10_000]
+
+
+def check_qwen_math_answer(response: str, gold: str) -> Verdict:
+    """Grade a response as the Qwen2.5-Math harness does (`extract_qwen_math_answer`), the value compared
+    with math-verify instead of its own grader."""
+    extracted = extract_qwen_math_answer(response)
+    compared = _compare_in_time(extracted, gold) if extracted else None
+    if compared is None or not compared[0]:
+        return Verdict(False, extracted, True)
+    return Verdict(compared[1], extracted, False)
+
+
 _CHOICE_PATTERNS = [
     re.compile(r"[Tt]he (?:correct |final )?answer is:?\s*\(?\**([A-J])\b"),
     re.compile(r"[Aa]nswer\s*:\s*\(?\**([A-J])\b"),

@@ -161,6 +161,22 @@ def test_aime_boxed_protocol_is_greedy_with_the_qwen_math_system_prompt(shared_d
     assert items[0]["prompt"][0] == {"role": "system", "content": evals.BOXED_SYSTEM}
 
 
+def test_aime_boxed_protocol_reads_answers_as_the_qwen_math_harness(tmp_path, shared_data):
+    aime_file = shared_data / "aime" / "aime24.jsonl"
+    rows = read_jsonl(aime_file)
+    forms = [lambda g: f"The answer is {int(g)}.", lambda g: f"\\boxed{{{g}}} is what we get." + " Checking." * 300,
+             lambda g: f"Adding the parts gives {int(g)}"]  # none has an Answer: line or a box at the end
+    saved = write_jsonl(tmp_path / "saved.jsonl", [{"id": r["id"], "responses": [forms[i % 3](r["answer"])]}
+                                                    for i, r in enumerate(rows)])
+    summaries = {}
+    for protocol in ("boxed", "dapo"):
+        evals.main(["--bench", "aime24", "--aime-protocol", protocol, "--data", str(aime_file), "--responses", saved,
+                    "--out-dir", str(tmp_path / protocol)])
+        summaries[protocol] = json.loads((tmp_path / protocol / "results.json").read_text())["summary"]
+    assert summaries["boxed"]["pass@1"] == 100.0 and summaries["boxed"]["parse_failures_%"] == 0.0
+    assert summaries["dapo"]["pass@1"] == 0.0 and summaries["dapo"]["parse_failures_%"] == 100.0
+
+
 # --------------------------------------------------------------------------------------------------
 # ToolHop on the real subset
 # --------------------------------------------------------------------------------------------------

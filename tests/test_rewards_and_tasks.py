@@ -7,7 +7,15 @@ import time
 import pytest
 import torch
 
-from common.rewards import Verdict, check_choice, check_math_answer, exact_match, extract_boxed, math_equal
+from common.rewards import (
+    Verdict,
+    check_choice,
+    check_math_answer,
+    check_qwen_math_answer,
+    exact_match,
+    extract_boxed,
+    math_equal,
+)
 from common.sft import IGNORE_INDEX, tokenize_chat
 from common.tasks import QUICK_WARM_START, ArithmeticTask, greedy_accuracy, warm_start
 
@@ -36,6 +44,26 @@ TRUTH_TABLE = [
 @pytest.mark.parametrize("response,gold,correct,parse_failed", TRUTH_TABLE)
 def test_math_checker_truth_table(response, gold, correct, parse_failed):
     verdict = check_math_answer(response, gold)
+    assert (verdict.correct, verdict.parse_failed) == (correct, parse_failed)
+
+
+QWEN_MATH_TRUTH_TABLE = [
+    # (response, gold, correct, parse_failed): the Qwen2.5-Math harness's reading, in its order
+    ("The answer is 25.", "025", True, False),  # DAPO's reading needs "Answer:" and fails this one
+    ("so \\boxed{25}." + " And a long check follows." * 100 + " Done after 3 steps.", "25", True, False),  # a box anywhere
+    ("\\boxed{24} at first, then \\boxed{25}", "25", True, False),  # the last box
+    ("The final answer is $25$. I hope it is correct.", "25", True, False),  # Minerva's form
+    ("Adding 12 and 13 gives 25", "25", True, False),  # the last number
+    ("所以答案是25\n\n验算完毕，共3步", "25", True, False),  # the first 答案是, up to a blank line
+    ("Answer: 26", "25", False, False),  # no box, no phrase: the last number, 26
+    ("Adding 12 and 13 gives 25, so the answer is 24.", "25", False, False),  # the phrase before the last number
+    ("I cannot solve this.", "25", False, True),
+]
+
+
+@pytest.mark.parametrize("response,gold,correct,parse_failed", QWEN_MATH_TRUTH_TABLE)
+def test_qwen_math_harness_reading_truth_table(response, gold, correct, parse_failed):
+    verdict = check_qwen_math_answer(response, gold)
     assert (verdict.correct, verdict.parse_failed) == (correct, parse_failed)
 
 

@@ -423,7 +423,8 @@ def longreason_items(rows_by_split: dict[str, list[dict]], source: str) -> list[
 
 
 def score_longreason(items: list[dict], responses: dict[str, list[str]]) -> tuple[list[dict], dict]:
-    """The chosen letter: "the answer is X", else "Answer: X", else the last standalone A-E."""
+    """The chosen letter: "the answer is X", else "Answer: X", else the last letter written as an option
+    ("(B)", "B is correct", "option B", a letter ending a sentence; `common.rewards.extract_choice`)."""
     records = []
     for item in items:
         verdicts = [check_choice(text, item["gold"]) for text in responses[item["id"]]]

@@ -139,17 +139,30 @@ _CHOICE_PATTERNS = [
     re.compile(r"[Tt]he (?:correct |final )?answer is:?\s*\(?\**([A-J])\b"),
     re.compile(r"[Aa]nswer\s*:\s*\(?\**([A-J])\b"),
 ]
+# A letter written as an option, not as a word: "(B)", "**B**", "option B", "B is correct", or a letter
+# that ends a sentence or the text ("B.", "I pick B"). "A careful check" holds none of these.
+_OPTION_MARKERS = [
+    r"\(({letter})\)",
+    r"\*\*({letter})\*\*",
+    r"(?i:option|choice)\s+({letter})(?![A-Za-z])",
+    r"(?<![A-Za-z])({letter})\s+is\s+(?:the\s+)?(?:correct|right|answer|best|true)\b",
+    r"(?<![A-Za-z])({letter})(?=[.!?)]|\s*$)",
+]
 
 
 def extract_choice(text: str, letters: str = "ABCDE") -> str | None:
-    """The chosen option letter: "the answer is X", else "Answer: X", else the last standalone letter."""
+    """The chosen option letter: "the answer is X", else "Answer: X" (OpenCompass-style loaders of
+    LongReason), else the last letter written as an option (`_OPTION_MARKERS`). A bare capital letter is
+    not taken: "B is right. A careful check..." reads as B, not as the article A."""
     tail = text[-2000:]
     for pattern in _CHOICE_PATTERNS:
         found = [m for m in pattern.findall(tail) if m in letters]
         if found:
             return found[-1]
-    standalone = re.findall(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", tail)
-    return standalone[-1] if standalone else None
+    letter = f"[{letters}]"
+    marked = [(match.start(1), match.group(1)) for marker in _OPTION_MARKERS
+              for match in re.finditer(marker.format(letter=letter), tail)]
+    return max(marked)[1] if marked else None
 
 
 def check_choice(response: str, gold_letter: str, letters: str = "ABCDE") -> Verdict:

@@ -105,6 +105,19 @@ def test_choice_and_exact_match():
     assert exact_match("  George   Abbott. ", "george abbott")
 
 
+@pytest.mark.parametrize("response, letter", [
+    ("B is right. A careful check confirms it.", "B"),  # the article A is no choice
+    ("A careful reading settles it.", None),
+    ("Options (A) and (C) fail; (D) holds", "D"),  # the last letter written as an option
+    ("**C**", "C"),
+    ("Option E, clearly.", "E"),
+    ("After weighing them all, I pick A", "A"),
+    ("D", "D"),
+])
+def test_choice_without_an_answer_phrase_is_a_letter_written_as_an_option(response, letter):
+    assert check_choice(response, "B").extracted == letter
+
+
 def test_same_seed_same_problems_and_a_different_seed_differs():
     assert ArithmeticTask(seed=3).rows(20) == ArithmeticTask(seed=3).rows(20)
     assert ArithmeticTask(seed=3).rows(20) != ArithmeticTask(seed=4).rows(20)

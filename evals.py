@@ -18,7 +18,8 @@ be a whole conversation, a list of chat messages). Every run writes it too, as `
 
 Outputs in --out-dir: `results.json` (the settings, the summary, and every item with its prompt,
 responses, extracted answers and verdicts), `results.md` (the summary as a table), `responses.jsonl`,
-and a plot where one helps (AIME pass@k, RoR-Bench original vs modified, LongReason by context length).
+and a plot: AIME pass@k (when k > 1), RoR-Bench original vs modified, LongReason by context length (when
+there are several), ToolHop's official answer correctness beside the strict one.
 
 Read top to bottom: Args and each protocol's sampling settings, the metrics as pure functions, one
 section per benchmark (prompts, items, scoring), then the driver (models, files, outputs).
@@ -633,6 +634,19 @@ def score_toolhop(items: list[dict], responses: dict[str, list]) -> tuple[list[d
     return records, summary
 
 
+def plot_toolhop(summary: dict, path: Path, title: str) -> Path:
+    """Answer correctness by the authors' lenient rule (the official number) beside the strict one, which
+    reads only the final reply's <answer> tag: the gap is what the lenient rule credits."""
+    fig, ax = _figure((4.5, 3.2))
+    labels = ["official\n(authors' rule)", "strict\n(<answer> tag)"]
+    values = [summary["answer_correctness"] or 0, summary["answer_correctness_strict"] or 0]
+    bars = ax.bar(range(2), values, width=0.5, color=["tab:blue", "tab:orange"])
+    ax.bar_label(bars, fmt="%.2f")
+    ax.set_xticks(range(2), labels)
+    ax.set(ylabel="answer correctness (%)", ylim=(0, 110), title=f"{title}\n{summary['queries']} queries")
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------------------------------
 # Driver: models, generation, saved responses, outputs
 # --------------------------------------------------------------------------------------------------
@@ -810,9 +824,9 @@ def write_outputs(args: Args, sampling: Sampling, source: str, records: list[dic
     described = ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None and k != "benchmark")
     (out_dir / "results.md").write_text(f"# {title}\n\n{described}\n\n| metric | value |\n| --- | --- |\n{table}\n",
                                         encoding="utf-8")
-    plot = {"aime24": plot_pass_at_k, "ror_bench": plot_ror, "longreason": plot_longreason}.get(args.bench)
-    if plot is not None:
-        plot(summary, out_dir / f"{args.bench}.png", title)
+    plot = {"aime24": plot_pass_at_k, "ror_bench": plot_ror, "longreason": plot_longreason,
+            "toolhop": plot_toolhop}[args.bench]
+    plot(summary, out_dir / f"{args.bench}.png", title)
     print(f"[{args.bench}] {json.dumps(summary, ensure_ascii=False)}\n[{args.bench}] results in {out_dir}/")
     return result
 

@@ -354,6 +354,23 @@ def test_toolhop_a_tool_name_defined_twice_runs_and_is_checked_as_its_later_defi
     assert [c["errors"] for c in result["items"][0]["calls"]] == [[], ["parameter_hallucination"]]
 
 
+def test_toolhop_strict_correctness_stands_beside_the_official_lenient_one(tmp_path, toolhop, tokenizer):
+    """A right last call, then a wrong final answer: the authors' rule finds the gold in the tool message and
+    scores it correct (the official number); the strict one reads the <answer> tag and does not."""
+    row = toolhop[0][0]  # id 1: character_actor_lookup gives "Jewel Staite"; the gold is 2011
+    tool = next(iter(row["tools"].values()))
+    right_call = tool_call(tool["name"], {"character_name": "Kaylee Frye", "series_name": "Firefly"})
+    lenient_row = {**row, "answer": "Jewel Staite"}
+    result, _ = run_toolhop(tmp_path, [lenient_row], lambda text, _: "<answer>Summer Glau</answer>"
+                            if "<tool_response>" in text else right_call, tokenizer)
+    summary = result["summary"]
+    assert summary["answer_correctness"] == 100.0 and summary["answer_correctness_strict"] == 0.0
+    assert list(summary)[1:3] == ["answer_correctness", "answer_correctness_strict"]
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| answer_correctness | 100.0 |\n| answer_correctness_strict | 0.0 |" in table
+    assert (tmp_path / "out" / "toolhop.png").is_file()
+
+
 def test_toolhop_lenient_rule_is_the_authors(tmp_path):
     reply = [{"role": "user", "content": "q"}]
     assert evals.toolhop_correct(reply + [{"role": "assistant", "content": "<answer>1,990</answer>"}], "1990")

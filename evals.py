@@ -42,7 +42,14 @@ from typing import Literal
 import tyro
 
 from common.data import DataError, load_rows, require
-from common.rewards import check_choice, check_math_answer, check_qwen_math_answer, math_equal
+from common.rewards import (
+    ANSWER_TAIL_CHARS,
+    check_choice,
+    check_math_answer,
+    check_qwen_math_answer,
+    extract_boxed,
+    math_equal,
+)
 from common.tools import call_from_message, execute_tool, find_tool_source, invocation_errors, parse_assistant_turn
 
 # Small real data shipped with the project (data/README.md): AIME 2024 and 70 ToolHop queries with their
@@ -106,7 +113,8 @@ class Args:
     read as it reads them (a box anywhere, "the answer is N", else the last number)."""
     judge_model: str | None = None
     """RoR-Bench: the LLM judge (hub id or directory), served by --backend; without one, only answers whose
-    gold is a number are scored (math-verify), the others are counted as unscored."""
+    gold is a number are scored, from the response's final-answer line; the others stay unscored, which
+    counts as not correct."""
     forced_correct: bool = False
     """RoR-Bench: prefix each problem with the paper's "Forced Correct" instruction."""
     splits: tuple[str, ...] = ("original", "expanded", "8k", "16k", "32k", "64k", "128k")
@@ -284,7 +292,9 @@ JUDGE_PROMPT = (
 ROR_FIELDS = ("original_problem", "original_answer", "modified_problem", "modified_answer")
 _VERDICT = re.compile(r"[\[［]{2}\s*([01])\s*[\]］]{2}")  # [[1]], [[ 0 ]], full-width ［［1］］
 _NUMERIC_GOLD = re.compile(r"\s*(-?\d+(?:\.\d+)?(?:/\d+)?)\s*[^\d\s]{0,4}\s*")  # "50", "20 秒", "3/4 m"
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
+_NUMBER = re.compile(r"\\d?frac\{-?\d+(?:\.\d+)?\}\{\d+(?:\.\d+)?\}|-?\d+(?:\.\d+)?(?:/\d+)?")  # 50, 2.5, 3/4, \frac{1}{2}
+# "Answer:", "答案是", "答案为", "答案：", or a line opening with "答：" (the Chinese answer-sheet form)
+_FINAL_ANSWER_MARK = re.compile(r"(?i:answer)\s*[:：]|答案\s*[是为:：]|^\s*答\s*[:：]", re.MULTILINE)
 
 
 def ror_items(rows: list[dict], source: str, forced_correct: bool) -> list[dict]:
@@ -312,34 +322,46 @@ def parse_judge_verdict(text: str) -> int | None:
     return int(found[-1]) if found else None
 
 
+def final_answer(response: str) -> str | None:
+    """What the response states as its final answer: the rest of the line after its last `Answer:`,
+    `答案是`/`答案为`/`答案：` or `答：` in its last 300 characters (a \\boxed{} there taken out of its box),
+    else its last \\boxed{}; None when it states none."""
+    tail = response[-ANSWER_TAIL_CHARS:]
+    marks = list(_FINAL_ANSWER_MARK.finditer(tail))
+    if not marks:
+        return extract_boxed(response[-4 * ANSWER_TAIL_CHARS:])
+    line = tail[marks[-1].end():].split("\n", 1)[0]
+    boxed = extract_boxed(line)
+    return (boxed if boxed is not None else line).strip()
+
+
 def numeric_verdict(response: str, gold: str) -> bool | None:
-    """The judge-free check for a gold that is a number (a unit after it allowed): the response's
-    `Answer:` line or \\boxed{}, else the last number in its final 300 characters, compared with
-    math-verify. None when the gold is not a number (only a judge can score it)."""
+    """The judge-free check for a gold that is a number (a unit after it allowed): the response's final
+    answer (`final_answer`; after an "=", what follows the last one) must hold exactly one number, compared
+    with math-verify. None, unscored, when the gold is not a number, the response states no final answer,
+    or its final answer holds no number or several ("15, not 20")."""
     match = _NUMERIC_GOLD.fullmatch(gold)
-    if match is None:
-        return None
-    verdict = check_math_answer(response, match.group(1))
-    if not verdict.parse_failed:
-        return verdict.correct
-    numbers = _NUMBER.findall(response[-300:])
-    return bool(numbers) and math_equal(numbers[-1], match.group(1))
+    answer = final_answer(response) if match else None
+    numbers = _NUMBER.findall(answer.split("=")[-1]) if answer is not None else []
+    return math_equal(numbers[0], match.group(1)) if len(numbers) == 1 else None
 
 
 def ror_verdict(response: str, gold: str, judge_output: str | None) -> tuple[int | None, str | None]:
-    """1/0 and who decided it: the judge; where there is no judge or no verdict in its output,
-    math-verify if the gold is a number; otherwise nobody (None, None: the response stays unscored)."""
+    """1/0 and who decided it: the judge; where there is no judge or no verdict in its output (e.g. cut at
+    its token limit), the final-answer rule if the gold is a number; otherwise nobody (None, None)."""
     judged = parse_judge_verdict(judge_output) if judge_output is not None else None
     if judged is not None:
         return judged, "judge"
     checked = numeric_verdict(response, gold)
-    return (None, None) if checked is None else (int(checked), "math-verify")
+    return (None, None) if checked is None else (int(checked), "final-answer rule")
 
 
 def score_ror(items: list[dict], responses: dict[str, list[str]],
               judgements: dict[str, list[str]] | None) -> tuple[list[dict], dict]:
-    """Scores per variant as means over scored responses (unscored ones are counted, not averaged in),
-    best-of-n per problem, and the headline: the drop, original − modified, in points."""
+    """Scores per variant as means over every response (RoR-Bench §4: the mean score over 5 trials and all
+    problems), an unscored response counting as not correct, so that original and modified are averaged
+    over the same problems; best-of-n per problem; the headline, the drop, original − modified, in points;
+    and how many responses each variant left unscored."""
     records = []
     for item in items:
         outputs = judgements[item["id"]] if judgements else [None] * len(responses[item["id"]])
@@ -349,15 +371,14 @@ def score_ror(items: list[dict], responses: dict[str, list[str]],
     summary = {"pairs": len(items) // 2}
     for variant in ("original", "modified"):
         mine = [r for r in records if r["variant"] == variant]
-        scored = [v for r in mine for v in r["verdicts"] if v is not None]
-        any_scored = [r for r in mine if any(v is not None for v in r["verdicts"])]
-        summary[variant] = percent(sum(scored), len(scored))
-        summary[f"{variant}_best_of_n"] = percent(sum(any(r["verdicts"]) for r in any_scored), len(any_scored))
-    both = summary["original"] is not None and summary["modified"] is not None
-    summary["drop"] = round(summary["original"] - summary["modified"], 2) if both else None
+        verdicts = [v for r in mine for v in r["verdicts"]]
+        summary[variant] = percent(verdicts.count(1), len(verdicts))
+        summary[f"{variant}_best_of_n"] = percent(sum(1 in r["verdicts"] for r in mine), len(mine))
+        summary[f"{variant}_unscored"] = verdicts.count(None)
+    summary["drop"] = round(summary["original"] - summary["modified"], 2)
     sources = [s for r in records for s in r["verdict_source"]]
     summary["judged_responses"] = sources.count("judge")
-    summary["math_verify_responses"] = sources.count("math-verify")
+    summary["rule_scored_responses"] = sources.count("final-answer rule")
     summary["unscored_responses"] = sources.count(None)
     summary["judge_parse_failures"] = sum(
         1 for r in records for o in r["judge_outputs"] if o is not None and parse_judge_verdict(o) is None)

@@ -406,7 +406,7 @@ def test_judge_verdicts_are_read_in_every_accepted_form(output, verdict):
 
 
 def test_ror_judge_scores_and_the_drop(tmp_path):
-    solver = ScriptedModel(lambda text, j: "追及时间为100/(5-3)=50秒。" if "没有发现" not in text else "还是50秒。")
+    solver = ScriptedModel(lambda text, j: "追及时间为100/(5-3)=50秒。" if "没有发现" not in text else "还是50秒。\n答案：50秒")
     judge_outputs = iter(itertools.cycle(["分数:[[1]]", "Score: [[1]]", "garbage", "分数：[[0]]", "[[ 0 ]]"]))
     judge = ScriptedModel(lambda text, j: next(judge_outputs))
     args = evals.Args(bench="ror_bench", data=write_jsonl(tmp_path / "ror.jsonl", ROR_ROWS), samples=2,
@@ -414,30 +414,59 @@ def test_ror_judge_scores_and_the_drop(tmp_path):
     result = evals.evaluate(args, sampler=solver, judge=judge)
     assert all(p.startswith(evals.FORCED_CORRECT_PREFIX) for p in solver.prompts)
     assert any(evals.JUDGE_PROMPT.split("【题目】")[0] in p for p in judge.prompts)
-    # 8 judge outputs in the cycle's order: police/original [1, 1], police/modified [garbage -> math-verify:
-    # "还是50秒" vs 20 -> 0, 0], riddle/original [0, 1], riddle/modified [1, garbage -> no number: unscored]
+    # 8 judge outputs in the cycle's order: police/original [1, 1], police/modified [garbage -> the final-answer
+    # rule: "答案：50秒" vs 20 -> 0, 0], riddle/original [0, 1], riddle/modified [1, garbage -> no number: unscored]
     verdicts = {item["id"]: item["verdicts"] for item in result["items"]}
     assert verdicts == {"police/original": [1, 1], "police/modified": [0, 0], "riddle/original": [0, 1],
                         "riddle/modified": [1, None]}
     summary = result["summary"]
-    assert summary["original"] == 75.0 and summary["modified"] == pytest.approx(33.33)
-    assert summary["drop"] == pytest.approx(41.67) and summary["original_best_of_n"] == 100.0
+    # the unscored response counts as not correct: modified is 1 of 4, not 1 of the 3 scored
+    assert summary["original"] == 75.0 and summary["modified"] == 25.0 and summary["drop"] == 50.0
+    assert summary["original_best_of_n"] == 100.0 and summary["modified_best_of_n"] == 50.0
+    assert summary["modified_unscored"] == 1 and summary["original_unscored"] == 0
     assert summary["judge_parse_failures"] == 2 and summary["unscored_responses"] == 1
     assert (tmp_path / "out" / "ror_bench.png").is_file()
 
 
-def test_ror_without_a_judge_scores_numeric_answers_with_math_verify(tmp_path):
+def test_ror_unscored_responses_stay_in_the_denominator():
+    """Five pairs; the judge calls every original right, one modified right, three wrong, and its output for
+    the fifth is cut before a verdict (its gold is no number, so nothing else can score it)."""
+    rows = [{"id": i, "original_problem": "题", "original_answer": "是的", "modified_problem": "题", "modified_answer": "不对"}
+            for i in range(5)]
+    items = evals.ror_items(rows, "hand-made", forced_correct=False)
+    responses = {item["id"]: ["回答"] for item in items}
+    modified = ["分数:[[1]]", "分数:[[0]]", "分数:[[0]]", "分数:[[0]]", "【评价】学生的回答" + "分析" * 500]
+    judgements = {f"{i}/original": ["分数:[[1]]"] for i in range(5)} | {f"{i}/modified": [modified[i]] for i in range(5)}
+    _, summary = evals.score_ror(items, responses, judgements)
+    assert summary["original"] == 100.0 and summary["modified"] == 20.0 and summary["drop"] == 80.0
+    assert summary["modified_unscored"] == 1 and summary["judge_parse_failures"] == 1
+
+
+def test_ror_without_a_judge_reads_a_final_answer_line_or_nothing(tmp_path):
     saved = write_jsonl(tmp_path / "saved.jsonl", [
-        {"id": "police/original", "responses": ["所以需要50秒。", "答案是 \\boxed{50}", "我不知道"]},
-        {"id": "police/modified", "responses": ["需要50秒。", "Answer: 20"]},
+        {"id": "police/original", "responses": ["追及时间 100/(5-3)=50 秒。\n答案：50秒", "答案是 \\boxed{50}", "我不知道"]},
+        # the last number of each is 20, the gold; only "答：20秒" states it as the answer
+        {"id": "police/modified", "responses": ["the answer is 15, not 20", "Answer: 15, not 20", "答：20秒", "需要20秒。"]},
         {"id": "riddle/original", "responses": ["三个"]},
         {"id": "riddle/modified", "responses": ["没有"]},
     ])
     args = evals.Args(bench="ror_bench", data=write_jsonl(tmp_path / "ror.jsonl", ROR_ROWS), responses=saved,
                       out_dir=str(tmp_path / "out"))
-    summary = evals.evaluate(args)["summary"]
-    assert summary["original"] == pytest.approx(66.67) and summary["modified"] == 50.0
-    assert summary["math_verify_responses"] == 5 and summary["unscored_responses"] == 2
+    result = evals.evaluate(args)
+    verdicts = {item["id"]: item["verdicts"] for item in result["items"]}
+    assert verdicts["police/original"] == [1, 1, None] and verdicts["police/modified"] == [None, None, 1, None]
+    summary = result["summary"]
+    assert summary["original"] == 50.0 and summary["modified"] == 20.0  # 2 of 4 and 1 of 5 responses
+    assert summary["rule_scored_responses"] == 3 and summary["unscored_responses"] == 6
+    assert (summary["original_unscored"], summary["modified_unscored"]) == (2, 4)
+
+
+@pytest.mark.parametrize("response, stated", [
+    ("所以需要50秒。", None), ("Answer: 50 s", "50 s"), ("答案为50秒。\n验算：对", "50秒。"),
+    ("步骤……\n答：50秒", "50秒"), ("\\boxed{50}", "50"), ("Answer: \\boxed{\\frac{1}{2}} m", "\\frac{1}{2}"),
+])
+def test_ror_final_answer_statements(response, stated):
+    assert evals.final_answer(response) == stated
 
 
 # --------------------------------------------------------------------------------------------------

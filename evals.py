@@ -9,6 +9,8 @@ protocol (prompt, sampling, answer extraction, scoring).
                                                            # greedy \\boxed{} pass@1 (Qwen2.5-Math harness)
     python evals.py --bench toolhop --scenario mandatory --model Qwen/Qwen2.5-32B-Instruct --backend vllm
     python evals.py --bench ror_bench --data ror_bench.jsonl --model Qwen/Qwen2.5-7B-Instruct --judge-model JUDGE
+    python evals.py --bench ror_bench --data ror_bench.jsonl --model Qwen/Qwen2.5-VL-7B-Instruct --judge-model JUDGE
+                                                           # a vision-language model: the image pairs too
     python evals.py --bench longreason --model Qwen/Qwen2.5-7B-Instruct --splits original 8k 32k
     python evals.py --bench aime24 --data aime24.jsonl --responses saved.jsonl   # rescore saved generations
 
@@ -69,7 +71,10 @@ class Args:
     model: str = "tiny-random"
     """hub id or local directory (e.g. a vapo.py checkpoint, runs/vapo/checkpoint-NNNNNN/policy);
     "tiny-random": a randomly initialised tiny Qwen2 (built in seconds, cached in .cache/);
-    "tiny-arithmetic": the warm-started tiny model vapo.py starts from (built on first use, cached)."""
+    "tiny-arithmetic": the warm-started tiny model vapo.py starts from (built on first use, cached);
+    "tiny-vlm": a randomly initialised tiny vision-language model (Idefics3), for RoR-Bench's image problems.
+    A checkpoint whose config has a vision tower is loaded as a vision-language model (processor and chat
+    template from the checkpoint)."""
     data: str | None = None
     """hub id or local .jsonl/.json/.parquet file; default: the benchmark's hub copy.
     LongReason: a local path may contain "{split}", filled in for each of --splits."""
@@ -290,6 +295,13 @@ JUDGE_PROMPT = (
     "【题目】 {problem} 【标准答案】 {answer} 【学生回答】 {response}"
 )
 ROR_FIELDS = ("original_problem", "original_answer", "modified_problem", "modified_answer")
+ROR_IMAGE_FIELDS = ("original_image", "modified_image", "image")
+ROR_SCHEMA = (
+    'RoR-Bench rows hold one pair each: "original_problem", "original_answer", "modified_problem", '
+    '"modified_answer" (text) and optionally "id"; an image pair also "original_image" and "modified_image", or '
+    'one "image" for both (a PIL image, {"bytes", "path"} as datasets stores images, an image file path '
+    'relative to the data file, or base64). Convert the release to this layout'
+)
 _VERDICT = re.compile(r"[\[［]{2}\s*([01])\s*[\]］]{2}")  # [[1]], [[ 0 ]], full-width ［［1］］
 _NUMERIC_GOLD = re.compile(r"\s*(-?\d+(?:\.\d+)?(?:/\d+)?)\s*[^\d\s]{0,4}\s*")  # "50", "20 秒", "3/4 m"
 _NUMBER = re.compile(r"\\d?frac\{-?\d+(?:\.\d+)?\}\{\d+(?:\.\d+)?\}|-?\d+(?:\.\d+)?(?:/\d+)?")  # 50, 2.5, 3/4, \frac{1}{2}
@@ -298,21 +310,81 @@ _FINAL_ANSWER_MARK = re.compile(r"(?i:answer)\s*[:：]|答案\s*[是为:：]|^\s
 
 
 def ror_items(rows: list[dict], source: str, forced_correct: bool) -> list[dict]:
-    """Two items per pair, ids "<pair id>/original" and "<pair id>/modified".
+    """Two items per pair, ids "<pair id>/original" and "<pair id>/modified", each a text or an image
+    problem (RoR-Bench §3.2: 158 text pairs, 57 image pairs with one image per problem). An image problem's
+    prompt is the image, then the text, as one user turn.
 
-    The Hub release's layout is not documented; this reads one pair per row with the fields
-    `id`, `original_problem`, `original_answer`, `modified_problem`, `modified_answer`.
+    The Hub release's field names are not documented: this reads the layout in ROR_SCHEMA, and stops with
+    that schema in the error when a row lacks a field or holds an image under a name it does not read
+    (an image problem must not pass silently as a text one).
     """
+    base_dir = Path(source).expanduser()
+    base_dir = base_dir if base_dir.is_dir() else base_dir.parent
     items = []
     for index, row in enumerate(rows):
-        values = {field: str(require(row, index, source, field, (str, int, float))) for field in ROR_FIELDS}
+        try:
+            values = {field: str(require(row, index, source, field, (str, int, float))) for field in ROR_FIELDS}
+        except DataError as error:
+            raise DataError(f"{error}. {ROR_SCHEMA}") from error
+        images = ror_row_images(row, index, source, base_dir)
         pair = str(row.get("id", index))
         for variant in ("original", "modified"):
             problem = values[f"{variant}_problem"]
-            prompt = [{"role": "user", "content": (FORCED_CORRECT_PREFIX if forced_correct else "") + problem}]
-            items.append({"id": f"{pair}/{variant}", "pair": pair, "variant": variant, "problem": problem,
-                          "gold": values[f"{variant}_answer"], "prompt": prompt})
+            text = (FORCED_CORRECT_PREFIX if forced_correct else "") + problem
+            image = images.get(variant)
+            content = text if image is None else [{"type": "image", "image": image}, {"type": "text", "text": text}]
+            items.append({"id": f"{pair}/{variant}", "pair": pair, "variant": variant,
+                          "modality": "text" if image is None else "image", "problem": problem,
+                          "gold": values[f"{variant}_answer"], "prompt": [{"role": "user", "content": content}]})
     return items
+
+
+def ror_row_images(row: dict, index: int, source: str, base_dir: Path) -> dict:
+    """{"original": image, "modified": image} of an image pair, {} for a text pair (ROR_SCHEMA)."""
+    from common.vision import ImageError, load_image
+
+    strays = [field for field, value in row.items() if field not in ROR_IMAGE_FIELDS and looks_like_image(value)]
+    if strays:
+        raise DataError(f"{source}: row {index} holds an image in {strays}, a field RoR-Bench's reader does not "
+                        f"know. {ROR_SCHEMA}")
+    given = {field: row[field] for field in ROR_IMAGE_FIELDS if row.get(field) is not None}
+    if not given:
+        return {}
+    shared = given.get("image")
+    per_variant = {variant: given.get(f"{variant}_image", shared) for variant in ("original", "modified")}
+    missing = [variant for variant, value in per_variant.items() if value is None]
+    if missing:
+        raise DataError(f"{source}: row {index} has an image for one problem of its pair but none for the "
+                        f"{missing[0]} one. {ROR_SCHEMA}")
+    try:
+        return {variant: load_image(value, base_dir) for variant, value in per_variant.items()}
+    except ImageError as error:
+        raise DataError(f"{source}: row {index}: its image cannot be read ({error}). {ROR_SCHEMA}") from error
+
+
+def looks_like_image(value) -> bool:
+    """A PIL image, datasets' stored image ({"bytes", "path"}), image bytes, or a string naming an image file
+    or holding a data URL."""
+    from PIL import Image
+
+    if isinstance(value, Image.Image) or isinstance(value, bytes):
+        return True
+    if isinstance(value, dict):
+        return set(value) >= {"bytes", "path"}
+    return isinstance(value, str) and (value.startswith("data:image") or
+                                       value.lower().endswith((".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp")))
+
+
+def answerable_items(items: list[dict], images: bool) -> list[dict]:
+    """The RoR-Bench items a run can score: all, or the text problems only when nothing answers images."""
+    return items if images else [item for item in items if item["modality"] == "text"]
+
+
+def printable_prompt(prompt: list[dict]) -> list[dict]:
+    """A prompt for results.json: each image written as its size."""
+    return [message if isinstance(message["content"], str) else {**message, "content": [
+        part if part.get("type") != "image" else {"type": "image", "image": "%dx%d pixels" % part["image"].size}
+        for part in message["content"]]} for message in prompt]
 
 
 def parse_judge_verdict(text: str) -> int | None:
@@ -358,24 +430,23 @@ def ror_verdict(response: str, gold: str, judge_output: str | None) -> tuple[int
 
 def score_ror(items: list[dict], responses: dict[str, list[str]],
               judgements: dict[str, list[str]] | None) -> tuple[list[dict], dict]:
-    """Scores per variant as means over every response (RoR-Bench §4: the mean score over 5 trials and all
-    problems), an unscored response counting as not correct, so that original and modified are averaged
-    over the same problems; best-of-n per problem; the headline, the drop, original − modified, in points;
-    and how many responses each variant left unscored."""
+    """Scores for text and image problems apart (the paper's Tables 1 and 2), per variant as means over
+    every response (RoR-Bench §4: the mean score over 5 trials and all problems), an unscored response
+    counting as not correct, so that original and modified are averaged over the same problems; best-of-n
+    per problem; the headline, the drop, original − modified, in points; and how many responses each
+    variant left unscored."""
     records = []
     for item in items:
         outputs = judgements[item["id"]] if judgements else [None] * len(responses[item["id"]])
         verdicts = [ror_verdict(r, item["gold"], o) for r, o in zip(responses[item["id"]], outputs)]
-        records.append({**item, "responses": responses[item["id"]], "judge_outputs": outputs,
-                        "verdicts": [v for v, _ in verdicts], "verdict_source": [s for _, s in verdicts]})
-    summary = {"pairs": len(items) // 2}
-    for variant in ("original", "modified"):
-        mine = [r for r in records if r["variant"] == variant]
-        verdicts = [v for r in mine for v in r["verdicts"]]
-        summary[variant] = percent(verdicts.count(1), len(verdicts))
-        summary[f"{variant}_best_of_n"] = percent(sum(1 in r["verdicts"] for r in mine), len(mine))
-        summary[f"{variant}_unscored"] = verdicts.count(None)
-    summary["drop"] = round(summary["original"] - summary["modified"], 2)
+        records.append({**item, "prompt": printable_prompt(item["prompt"]), "responses": responses[item["id"]],
+                        "judge_outputs": outputs, "verdicts": [v for v, _ in verdicts],
+                        "verdict_source": [s for _, s in verdicts]})
+    summary = {}
+    for modality in ("text", "image"):
+        group = [r for r in records if r["modality"] == modality]
+        if group:
+            summary |= {f"{modality}/{key}": value for key, value in ror_scores(group).items()}
     sources = [s for r in records for s in r["verdict_source"]]
     summary["judged_responses"] = sources.count("judge")
     summary["rule_scored_responses"] = sources.count("final-answer rule")
@@ -383,6 +454,20 @@ def score_ror(items: list[dict], responses: dict[str, list[str]],
     summary["judge_parse_failures"] = sum(
         1 for r in records for o in r["judge_outputs"] if o is not None and parse_judge_verdict(o) is None)
     return records, summary
+
+
+def ror_scores(records: list[dict]) -> dict:
+    """One group's pairs, original and modified scores (every response counted), best-of-n, the drop and
+    the unscored counts."""
+    scores = {"pairs": len({r["pair"] for r in records})}
+    for variant in ("original", "modified"):
+        mine = [r for r in records if r["variant"] == variant]
+        verdicts = [v for r in mine for v in r["verdicts"]]
+        scores[variant] = percent(verdicts.count(1), len(verdicts))
+        scores[f"{variant}_best_of_n"] = percent(sum(1 in r["verdicts"] for r in mine), len(mine))
+        scores[f"{variant}_unscored"] = verdicts.count(None)
+    scores["drop"] = round(scores["original"] - scores["modified"], 2)
+    return scores
 
 
 def judge_all(judge, items: list[dict], responses: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -401,13 +486,16 @@ def judge_all(judge, items: list[dict], responses: dict[str, list[str]]) -> dict
 
 
 def plot_ror(summary: dict, path: Path, title: str) -> Path:
-    fig, ax = _figure((4.5, 3.2))
-    labels = ["mean of samples", "best of n"]
+    """Original vs modified, mean of samples and best of n, for the text and the image problems."""
+    groups = [(modality, stat) for modality in ("text", "image") if f"{modality}/pairs" in summary
+              for stat in ("", "_best_of_n")]
+    fig, ax = _figure((2.2 + 1.3 * len(groups), 3.4))
     for shift, variant in ((-0.2, "original"), (0.2, "modified")):
-        values = [summary[variant] or 0, summary[f"{variant}_best_of_n"] or 0]
-        ax.bar([i + shift for i in range(2)], values, width=0.4, label=variant)
-    ax.set_xticks(range(2), labels)
-    ax.set(ylabel="score (%)", ylim=(0, 120), title=f"{title}\ndrop: {summary['drop']} points")
+        values = [summary[f"{modality}/{variant}{stat}"] or 0 for modality, stat in groups]
+        ax.bar([i + shift for i in range(len(groups))], values, width=0.4, label=variant)
+    ax.set_xticks(range(len(groups)), [f"{modality}\n{'best of n' if stat else 'mean'}" for modality, stat in groups])
+    drops = ", ".join(f"{m} {summary[f'{m}/drop']}" for m in ("text", "image") if f"{m}/drop" in summary)
+    ax.set(ylabel="score (%)", ylim=(0, 120), title=f"{title}\ndrop (points): {drops}")
     ax.legend(loc="upper center", ncol=2)
     return _save(fig, path)
 
@@ -679,9 +767,14 @@ def load_sampler(model: str, backend: str, dtype: str, batch_size: int, tensor_p
     """(sampler, tokenizer) for a model, loaded once per run even when two benchmarks share it."""
     from common.models import load_policy, load_tokenizer
     from common.sampling import HFSampler, VLLMSampler
+    from common.vision import is_vision_language_model, load_vision_sampler
 
     print(f"loading {model} ({backend})")
     model = resolve_model(model)
+    if is_vision_language_model(model):
+        engine = {"gpu_memory_utilization": gpu_memory_utilization, "tensor_parallel_size": tensor_parallel_size,
+                  "seed": seed, **({"max_model_len": max_model_len} if max_model_len else {})}
+        return load_vision_sampler(model, backend, dtype, batch_size, **(engine if backend == "vllm" else {}))
     if backend == "vllm":
         tokenizer = load_tokenizer(model)
         engine = {"max_model_len": max_model_len} if max_model_len else {}
@@ -700,13 +793,15 @@ def resolve_model(name: str) -> str:
 
     if name == "tiny-arithmetic":
         return str(warm_start())
-    if name != "tiny-random":
+    if name not in ("tiny-random", "tiny-vlm"):
         return name
     from common.models import build_tiny_model
+    from common.vision import build_tiny_vlm
 
-    out_dir = CACHE_DIR / "tiny-random"
+    out_dir = CACHE_DIR / name
     if not (out_dir / "config.json").is_file():
-        scratch = build_tiny_model(CACHE_DIR / f".building-tiny-random-{os.getpid()}")
+        build = build_tiny_model if name == "tiny-random" else build_tiny_vlm
+        scratch = build(CACHE_DIR / f".building-{name}-{os.getpid()}")
         try:
             scratch.rename(out_dir)  # complete or absent: a run killed while building leaves no half model
         except OSError:  # another run finished building it first
@@ -737,8 +832,8 @@ def is_conversation(value) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in value)
 
 
-def read_responses(path: str, items: list[dict], known_ids: set[str], conversations: bool) -> dict[str, list]:
-    """Saved generations, one JSON object per line: {"id": ..., "responses": [...]}."""
+def read_responses(path: str, known_ids: set[str], conversations: bool) -> dict[str, list]:
+    """Saved generations, one JSON object per line: {"id": ..., "responses": [...]}, by id."""
     if not Path(path).is_file():
         raise DataError(f"--responses {path}: no such file")
     found = {}
@@ -759,6 +854,11 @@ def read_responses(path: str, items: list[dict], known_ids: set[str], conversati
             raise DataError(f"{path}: line {number}: id {row['id']!r} is not an item of the data "
                             f"(ids look like {sorted(known_ids)[:3]})")
         found[str(row["id"])] = row["responses"]
+    return found
+
+
+def responses_for(items: list[dict], found: dict[str, list], path: str) -> dict[str, list]:
+    """The saved responses of every item to score; a DataError naming the first items that have none."""
     missing = [item["id"] for item in items if not found.get(item["id"])]
     if missing:
         raise DataError(f"{path} has no responses for {len(missing)} of the {len(items)} items "
@@ -789,15 +889,19 @@ def evaluate(args: Args, sampler=None, tokenizer=None, judge=None) -> dict:
     if not items:
         raise DataError(f"{source}: no rows to evaluate")
 
-    truncated = None
+    truncated, image_pairs = None, len({i["pair"] for i in items if i.get("modality") == "image"})
     if args.responses:
-        known_ids = {item["id"] for item in everything}
-        responses = read_responses(args.responses, items, known_ids, conversations=args.bench == "toolhop")
+        found = read_responses(args.responses, {item["id"] for item in everything}, args.bench == "toolhop")
+        if args.bench == "ror_bench":  # image problems are scored when the file answers them
+            items = answerable_items(items, images=any(i["id"] in found for i in items if i["modality"] == "image"))
+        responses = responses_for(items, found, args.responses)
     else:
         if sampler is None:
             sampler, tokenizer = sampler_for(args, args.model)
         elif args.bench == "toolhop" and tokenizer is None:
             raise UsageError("ToolHop renders each query's tools into its prompt: pass the sampler's tokenizer too")
+        if args.bench == "ror_bench":  # a text-only model cannot see an image problem
+            items = answerable_items(items, images=getattr(sampler, "accepts_images", False))
         print(f"[{args.bench}] generating for {len(items)} items: {sampling}")
         if args.bench == "toolhop":
             responses = run_toolhop(sampler, tokenizer, items, sampling, args.max_turns, args.tool_timeout, args.seed)
@@ -811,6 +915,11 @@ def evaluate(args: Args, sampler=None, tokenizer=None, judge=None) -> dict:
             judge = sampler_for(args, args.judge_model)[0]
         judgements = judge_all(judge, items, responses) if judge is not None else None
         records, summary = score_ror(items, responses, judgements)
+        if image_pairs and "image/pairs" not in summary:
+            summary["image/pairs_not_evaluated"] = image_pairs
+            print(f"[ror_bench] {image_pairs} image pairs not evaluated: " + (
+                "the responses file answers none of them" if args.responses else "the model is text-only; give a "
+                "vision-language model (Qwen/Qwen2.5-VL-7B-Instruct, or tiny-vlm on a CPU) to score them"))
     elif args.bench == "longreason":
         records, summary = score_longreason(items, responses)
     else:

@@ -421,9 +421,9 @@ def test_ror_judge_scores_and_the_drop(tmp_path):
                         "riddle/modified": [1, None]}
     summary = result["summary"]
     # the unscored response counts as not correct: modified is 1 of 4, not 1 of the 3 scored
-    assert summary["original"] == 75.0 and summary["modified"] == 25.0 and summary["drop"] == 50.0
-    assert summary["original_best_of_n"] == 100.0 and summary["modified_best_of_n"] == 50.0
-    assert summary["modified_unscored"] == 1 and summary["original_unscored"] == 0
+    assert summary["text/original"] == 75.0 and summary["text/modified"] == 25.0 and summary["text/drop"] == 50.0
+    assert summary["text/original_best_of_n"] == 100.0 and summary["text/modified_best_of_n"] == 50.0
+    assert summary["text/modified_unscored"] == 1 and summary["text/original_unscored"] == 0
     assert summary["judge_parse_failures"] == 2 and summary["unscored_responses"] == 1
     assert (tmp_path / "out" / "ror_bench.png").is_file()
 
@@ -438,8 +438,8 @@ def test_ror_unscored_responses_stay_in_the_denominator():
     modified = ["分数:[[1]]", "分数:[[0]]", "分数:[[0]]", "分数:[[0]]", "【评价】学生的回答" + "分析" * 500]
     judgements = {f"{i}/original": ["分数:[[1]]"] for i in range(5)} | {f"{i}/modified": [modified[i]] for i in range(5)}
     _, summary = evals.score_ror(items, responses, judgements)
-    assert summary["original"] == 100.0 and summary["modified"] == 20.0 and summary["drop"] == 80.0
-    assert summary["modified_unscored"] == 1 and summary["judge_parse_failures"] == 1
+    assert summary["text/original"] == 100.0 and summary["text/modified"] == 20.0 and summary["text/drop"] == 80.0
+    assert summary["text/modified_unscored"] == 1 and summary["judge_parse_failures"] == 1
 
 
 def test_ror_without_a_judge_reads_a_final_answer_line_or_nothing(tmp_path):
@@ -456,9 +456,105 @@ def test_ror_without_a_judge_reads_a_final_answer_line_or_nothing(tmp_path):
     verdicts = {item["id"]: item["verdicts"] for item in result["items"]}
     assert verdicts["police/original"] == [1, 1, None] and verdicts["police/modified"] == [None, None, 1, None]
     summary = result["summary"]
-    assert summary["original"] == 50.0 and summary["modified"] == 20.0  # 2 of 4 and 1 of 5 responses
+    assert summary["text/original"] == 50.0 and summary["text/modified"] == 20.0  # 2 of 4 and 1 of 5 responses
     assert summary["rule_scored_responses"] == 3 and summary["unscored_responses"] == 6
-    assert (summary["original_unscored"], summary["modified_unscored"]) == (2, 4)
+    assert (summary["text/original_unscored"], summary["text/modified_unscored"]) == (2, 4)
+
+
+def image_pair_rows(tmp_path):
+    """ROR_ROWS and two image pairs: the paper's Figure 2 pair (one image per problem, a file path and base64),
+    and a pair whose problems share one image."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    def png(color, size):
+        buffer = io.BytesIO()
+        Image.new("RGB", size, color).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    (tmp_path / "figures").mkdir(exist_ok=True)
+    (tmp_path / "figures" / "mach.png").write_bytes(png("gray", (64, 48)))
+    return ROR_ROWS + [
+        {"id": "mach", "original_problem": "这张图由多个同样的渐变菱形构成，它们整体看起来从上而下越来越暗，对吗？",
+         "original_answer": "是的（马赫带效应）", "original_image": "figures/mach.png",
+         "modified_problem": "这张图由多个同样的渐变菱形构成，它们每个看起来从上而下越来越暗，对吗？",
+         "modified_answer": "不对，是自下而上", "modified_image": base64.b64encode(png("white", (32, 32))).decode()},
+        {"id": "checker", "original_problem": "A、B两格颜色一样吗？", "original_answer": "一样",
+         "modified_problem": "A、B两格看起来颜色一样吗？", "modified_answer": "不一样",
+         "image": {"bytes": None, "path": "figures/mach.png"}},
+    ]
+
+
+class ImageAwareModel(ScriptedModel):
+    """A scripted vision-language model: it sees the prompt's messages, images included."""
+
+    accepts_images = True
+
+    def generate(self, prompts, n=1, **settings):
+        samples = []
+        for index, prompt in enumerate(prompts):
+            self.prompts.append(prompt)
+            samples += [Sample(index, [], [], self.reply(prompt, j), "stop") for j in range(n)]
+        return samples
+
+
+def first_character_judge():
+    """1 when the student's answer starts as the gold does."""
+    def verdict(text, _):
+        gold, answer = text.split("【标准答案】 ")[1].split(" 【学生回答】 ")
+        return f"分数:[[{int(gold[:1] == answer.strip()[:1])}]]"
+
+    return ScriptedModel(verdict)
+
+
+def test_ror_image_pairs_are_answered_with_their_image_and_scored_apart(tmp_path):
+    solver = ImageAwareModel(lambda prompt, j: "一样" if isinstance(prompt[0]["content"], list) else "50秒")
+    judge = first_character_judge()
+    args = evals.Args(bench="ror_bench", data=write_jsonl(tmp_path / "ror.jsonl", image_pair_rows(tmp_path)),
+                      samples=1, out_dir=str(tmp_path / "out"))
+    result = evals.evaluate(args, sampler=solver, judge=judge)
+    images = [m["content"][0]["image"].size for p in solver.prompts for m in p if isinstance(m["content"], list)]
+    assert images == [(64, 48), (32, 32), (64, 48), (64, 48)]  # each problem's own image, the shared one twice
+    assert all(isinstance(p[0]["content"], str) for p in solver.prompts[:4])  # the text pairs come first, as text
+    assert not any("image" in p for p in judge.prompts[4:]) and "每个看起来" in judge.prompts[5]  # the judge reads text
+    summary = result["summary"]
+    # text: only police/original ("50秒") is right; image: "一样" is right for checker/original only
+    assert (summary["text/pairs"], summary["text/original"], summary["text/modified"], summary["text/drop"]) == (
+        2, 50.0, 0.0, 50.0)
+    assert (summary["image/pairs"], summary["image/original"], summary["image/modified"], summary["image/drop"]) == (
+        2, 50.0, 0.0, 50.0)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["items"][4]["prompt"][0]["content"][0] == {"type": "image", "image": "64x48 pixels"}
+
+
+def test_ror_a_text_only_model_is_given_the_text_pairs_and_the_image_pairs_are_reported_unevaluated(tmp_path):
+    solver = ScriptedModel(lambda text, j: "50秒")  # a text model: no accepts_images
+    args = evals.Args(bench="ror_bench", data=write_jsonl(tmp_path / "ror.jsonl", image_pair_rows(tmp_path)),
+                      samples=1, out_dir=str(tmp_path / "out"))
+    summary = evals.evaluate(args, sampler=solver, judge=first_character_judge())["summary"]
+    assert len(solver.prompts) == 4 and summary["text/pairs"] == 2
+    assert summary["image/pairs_not_evaluated"] == 2 and "image/original" not in summary
+    # saved responses for the image problems get them scored, without any model
+    saved = write_jsonl(tmp_path / "saved.jsonl", [{"id": f"{pair}/{variant}", "responses": ["一样"]}
+                                                   for pair in ("police", "riddle", "mach", "checker")
+                                                   for variant in ("original", "modified")])
+    rescored = evals.evaluate(dataclasses.replace(args, responses=saved), judge=first_character_judge())["summary"]
+    assert rescored["image/pairs"] == 2 and rescored["image/original"] == 50.0
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"picture": "figures/mach.png"}, r"holds an image in \['picture'\]"),  # an unknown name must not pass as text
+    ({"original_image": "figures/mach.png"}, "none for the modified one"),
+    ({"original_image": "figures/absent.png", "modified_image": "figures/mach.png"}, "its image cannot be read"),
+])
+def test_ror_image_fields_that_cannot_be_read_name_the_expected_schema(tmp_path, change, message):
+    image_pair_rows(tmp_path)
+    data = write_jsonl(tmp_path / "ror.jsonl", [{**ROR_ROWS[0], **change}])
+    with pytest.raises(DataError, match=message) as error:
+        evals.evaluate(evals.Args(bench="ror_bench", data=data, responses=data, out_dir=str(tmp_path)))
+    assert '"original_image" and "modified_image", or one "image" for both' in str(error.value)
 
 
 @pytest.mark.parametrize("response, stated", [

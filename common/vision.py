@@ -126,7 +126,8 @@ class HFVisionSampler:
     @torch.no_grad()
     def generate(self, prompts: Sequence, n: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (), tools=None) -> list[Sample]:
-        """`n` samples per prompt, prompt-major, each with the log-prob of its tokens; temperature 0 is greedy."""
+        """`n` samples per prompt, prompt-major; temperature 0 is greedy. No log-probs are kept (evaluation
+        needs none, and holding every step's scores for long responses of a large vocabulary would not fit)."""
         texts = [self.processor.apply_chat_template(list(p), tools=tools, add_generation_prompt=True, tokenize=False)
                  for p in prompts]
         jobs = [(i, texts[i], prompt_images(p)) for i, p in enumerate(prompts) for _ in range(n)]
@@ -150,19 +151,14 @@ class HFVisionSampler:
         # generate's default top_k=50 would change the distribution: sampling is plain temperature + top-p
         sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
         output = self.model.generate(**inputs, do_sample=not greedy, **sampling, max_new_tokens=max_new_tokens,
-                                     eos_token_id=self.end_ids, pad_token_id=self.tokenizer.pad_token_id,
-                                     output_scores=True, return_dict_in_generate=True)
-        width = inputs["input_ids"].shape[1]
-        generated = output.sequences[:, width:]
-        # the scores are the processed (temperature, top-p) logits each token was drawn from
-        logprobs = torch.stack(output.scores, dim=1).float().log_softmax(-1).gather(-1, generated.unsqueeze(-1))
+                                     eos_token_id=self.end_ids, pad_token_id=self.tokenizer.pad_token_id)
+        generated = output[:, inputs["input_ids"].shape[1]:]
         samples = []
         for row, (prompt_index, _, _) in enumerate(jobs):
             prompt_ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()].tolist()
             response, finish = cut_response(generated[row].tolist(), self.end_ids, stop, self.tokenizer)
-            text = self.tokenizer.decode(response, skip_special_tokens=True)
-            samples.append(Sample(prompt_index, prompt_ids, response, text, finish,
-                                  logprobs[row, : len(response), 0].tolist()))
+            samples.append(Sample(prompt_index, prompt_ids, response,
+                                  self.tokenizer.decode(response, skip_special_tokens=True), finish))
         return samples
 
 

@@ -343,7 +343,8 @@ def ror_row_images(row: dict, index: int, source: str, base_dir: Path) -> dict:
     """{"original": image, "modified": image} of an image pair, {} for a text pair (ROR_SCHEMA)."""
     from common.vision import ImageError, load_image
 
-    strays = [field for field, value in row.items() if field not in ROR_IMAGE_FIELDS and looks_like_image(value)]
+    read = {"id", *ROR_FIELDS, *ROR_IMAGE_FIELDS}
+    strays = [field for field, value in row.items() if field not in read and looks_like_image(value)]
     if strays:
         raise DataError(f"{source}: row {index} holds an image in {strays}, a field RoR-Bench's reader does not "
                         f"know. {ROR_SCHEMA}")

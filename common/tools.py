@@ -76,9 +76,10 @@ class AssistantTurn:
 
 def parse_assistant_turn(text: str) -> AssistantTurn:
     """Split a model's reply into its content and its tool calls, as the ToolHop authors do: Qwen2.5's
-    `<tool_call>` blocks when the reply has one, else Llama-3.1's JSON call. Text that is not valid JSON
-    goes to json_repair, as theirs does, but at most REPAIR_CHARS_PER_REPLY characters of it per reply,
-    however many blocks the reply has, so that one reply's parse takes a bounded time."""
+    `<tool_call>` blocks when the reply has one, else Llama-3.1's JSON call. The authors pick the parser by
+    the model's series; here the reply tells it (a Llama-3.1 call is the whole reply, JSON with "parameters").
+    Text that is not valid JSON goes to json_repair, as theirs does, but at most REPAIR_CHARS_PER_REPLY
+    characters of it per reply, however many blocks the reply has, so that one reply's parse is bounded."""
     budget = _RepairBudget(REPAIR_CHARS_PER_REPLY)
     if "<tool_call>" in text:
         return _parse_qwen25(text, budget)

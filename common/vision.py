@@ -190,8 +190,10 @@ class VLLMVisionSampler:
                                                       tokenize=False)
             request = {"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
             images = prompt_images(prompt)
+            if len(images) > 1:
+                raise ValueError(f"a prompt has {len(images)} images; the engine is set up for one per prompt")
             if images:
-                request["multi_modal_data"] = {"image": images[0] if len(images) == 1 else images}
+                request["multi_modal_data"] = {"image": images[0]}
             requests.append(request)
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                                 top_k=0 if temperature > 0 else 1, max_tokens=max_new_tokens, seed=seed,
@@ -217,7 +219,8 @@ def load_vision_sampler(name_or_path: str, backend: str, dtype: str, batch_size:
         return VLLMVisionSampler(name_or_path, processor, dtype=dtype, **engine_kwargs), processor.tokenizer
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=torch_dtype)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     return HFVisionSampler(model, processor, batch_size=batch_size), processor.tokenizer
 

@@ -104,15 +104,13 @@ def _parse_qwen25(text: str, budget: _RepairBudget) -> AssistantTurn:
 
 
 def _parse_llama31(text: str, budget: _RepairBudget) -> AssistantTurn:
-    """The JSON after `<|python_tag|>`, or the whole reply when it is a JSON object or list: a call is
-    {"name": str, "parameters": dict or JSON string}. Only the first call is kept (Llama-3.1 makes one
-    call per turn; the authors' `parse_llama31` keeps the first). A reply that is no call is content; JSON
-    after `<|python_tag|>` that is no call is malformed."""
+    """The JSON after `<|python_tag|>`, else the whole reply read as JSON (json_repair also finds an object
+    inside prose, as in the authors' `parse_llama31`): a call is {"name": str, "parameters": dict or JSON
+    string}. Only the first call is kept (Llama-3.1 makes one call per turn; the authors keep the first).
+    A reply that is no call is content; what follows `<|python_tag|>` and is no call is malformed."""
     tagged = text.find(_PYTHON_TAG)
     payload = (text[tagged + len(_PYTHON_TAG):] if tagged >= 0 else text).strip()
-    if tagged < 0 and not payload.startswith(("{", "[")):
-        return AssistantTurn(content=text.strip())
-    parsed = _read_json(payload, budget)
+    parsed = _read_json(payload, budget) if payload else None
     candidates = parsed if isinstance(parsed, list) else [parsed]
     calls = [call for call in (_llama31_call(candidate, budget) for candidate in candidates) if call]
     before = text[:tagged].strip() if tagged >= 0 else ""

@@ -78,6 +78,7 @@ def test_unreadable_calls_are_kept_aside_not_called(block):
     ('{"name": "add", "parameters": {"a": 1}', "", [{"name": "add", "arguments": {"a": 1}}]),  # a brace missing
     ('[{"name": "add", "parameters": {"a": 1}}, {"name": "mul", "parameters": {}}]', "",
      [{"name": "add", "arguments": {"a": 1}}]),  # one call per turn: the first
+    ('Sure. {"name": "add", "parameters": {"a": 1}}', "", [{"name": "add", "arguments": {"a": 1}}]),  # inside prose
     ("The sum is <answer>4</answer>", "The sum is <answer>4</answer>", []),
     ('{"answer": 4}', '{"answer": 4}', []),  # JSON, but no call
 ])

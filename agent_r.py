@@ -69,6 +69,15 @@ class Args:
     paper's code uses vLLM)."""
     vllm_gpu_memory_utilization: float = 0.4
     """share of GPU memory vLLM may take; the rest holds the model being trained."""
+    tensor_parallel_size: int = 1
+    """vLLM engines are groups of this many consecutive processes (tensor parallel; Llama-3.1-8B fits one
+    GPU); it must divide the number of processes."""
+    vllm_sleep_mode: bool = True
+    """vLLM frees its weights and KV cache during Phase II and takes them back, with the new weights, for the
+    search and the evaluation (vLLM's sleep mode, level 2; CUDA only)."""
+    vllm_max_model_len: int | None = None
+    """the longest conversation vLLM serves (its KV cache is reserved for it); None: the model's context. An
+    episode of --eval-max-steps turns of --max-new-tokens can grow long, so the default stays the context."""
     dtype: str = "bfloat16"
     """the model's dtype ("float32" on CPU)."""
     gradient_checkpointing: bool = True
@@ -1131,6 +1140,7 @@ def revision_logprob(model, tokenizer, conversations: Sequence[list[dict]], thou
     Phase II has moved the model toward one (the paper's revision test, Table 3, counts only the outcome)."""
     import torch
 
+    from common.distributed import largest
     from common.sampling import Sample, collate, response_logprobs
     from common.sft import IGNORE_INDEX, tokenize_chat
 
@@ -1143,11 +1153,18 @@ def revision_logprob(model, tokenizer, conversations: Sequence[list[dict]], thou
             samples.append(Sample(0, tokens.input_ids[:trained[0]], tokens.input_ids[trained[0]:trained[-1] + 1],
                                   "", "stop"))
     device = next(model.parameters()).device
+    batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     turn_logprobs = []
-    for i in range(0, len(samples), batch_size):
-        batch = collate(samples[i:i + batch_size], tokenizer.pad_token_id or 0).to(device)
-        with torch.no_grad():
-            turn_logprobs += (response_logprobs(model, batch) * batch.response_mask).sum(-1).tolist()
+    with torch.no_grad():
+        # as many forward passes on every process (under FSDP2 each is a collective); a process with fewer
+        # states repeats its first batch, or a one-token stand-in, and drops the result
+        stand_in = batches[0] if batches else [Sample(0, [tokenizer.pad_token_id or 0], [tokenizer.pad_token_id or 0], "", "stop")]
+        for i in range(largest(len(batches))):
+            batch = collate(batches[i] if i < len(batches) else stand_in, tokenizer.pad_token_id or 0).to(device)
+            logprobs = (response_logprobs(model, batch) * batch.response_mask).sum(-1).tolist()
+            turn_logprobs += logprobs if i < len(batches) else []
+    if not conversations:
+        return []
     per_state = torch.tensor(turn_logprobs).view(len(conversations), len(thoughts))
     return torch.logsumexp(per_state, dim=-1).tolist()
 
@@ -1164,27 +1181,35 @@ def evaluate(agent: Agent, make_env, tasks: Sequence[int], max_steps: int, tempe
              seed: int, model, tokenizer, thoughts: Sequence[str]) -> tuple[dict, list[dict]]:
     """Held-out metrics: success rate (Table 2), recovery from a forced failed prefix (the revision
     test, Table 3), how likely a revision turn is at the first error of that test, repeated-action loops
-    (Fig. 4); and a few episodes as text."""
+    (Fig. 4); and a few episodes as text. On several processes each plays its share of the tasks and the
+    metrics are over every process's episodes."""
+    from common.distributed import sum_over_ranks
+
     episodes = run_episodes(agent, make_env, tasks, max_steps, temperature, seed)
     # the same failed prefix for a task in every evaluation and every run
     prefixes = [failed_prefix(make_env(), task, random.Random(task)) for task in tasks]
     recoveries = run_episodes(agent, make_env, tasks, max_steps, temperature, seed, prefixes=prefixes)
     error_states = [state for e in recoveries if (state := first_error_state(e)) is not None]
-    revision = revision_logprob(model, tokenizer, error_states, thoughts) if error_states else []
-    n = len(tasks)
+    revision = revision_logprob(model, tokenizer, error_states, thoughts)
+    totals = sum_over_ranks([
+        len(tasks), sum(e.reward for e in episodes), sum(len(e.turns) for e in episodes),
+        sum(repeated_actions(e.turns) for e in episodes), sum(repeated_actions(e.turns) >= 2 for e in episodes),
+        sum(e.reward for e in recoveries),
+        sum(any(action_text(r) == REVISION_ACTION for r, _ in e.turns[e.forced:]) for e in recoveries),
+        sum(revision), len(revision)])
+    n, success, steps, repeats, loops, recovered, revised, revision_sum, revision_count = totals
     metrics = {
-        "eval/success_rate": sum(e.reward for e in episodes) / n,
-        "eval/steps_mean": sum(len(e.turns) for e in episodes) / n,
-        "eval/repeated_actions": sum(repeated_actions(e.turns) for e in episodes) / n,
-        "eval/loop_share": sum(repeated_actions(e.turns) >= 2 for e in episodes) / n,
-        "eval/recovery_rate": sum(e.reward for e in recoveries) / n,
-        "eval/recovery_revision_turns": sum(any(action_text(r) == REVISION_ACTION for r, _ in e.turns[e.forced:])
-                                            for e in recoveries) / n,
-        "eval/revision_logprob": sum(revision) / len(revision) if revision else float("nan"),
+        "eval/success_rate": success / n,
+        "eval/steps_mean": steps / n,
+        "eval/repeated_actions": repeats / n,
+        "eval/loop_share": loops / n,
+        "eval/recovery_rate": recovered / n,
+        "eval/recovery_revision_turns": revised / n,
+        "eval/revision_logprob": revision_sum / revision_count if revision_count else float("nan"),
     }
     samples = [{"kind": kind, "task": e.task, "goal": e.start[2]["content"].rsplit("\n", 1)[-1], "reward": e.reward,
                 "forced": e.forced, "turns": [f"{r} -> {o}" for r, o in e.turns]}
-               for kind, e in (("episode", episodes[0]), ("recovery", recoveries[0]))]
+               for kind, group in (("episode", episodes), ("recovery", recoveries)) for e in group[:1]]
     return metrics, samples
 
 
@@ -1380,6 +1405,7 @@ def train(args: Args) -> Path:
     from accelerate.utils import set_seed
 
     from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from common.distributed import gather_lists, shard, sum_over_ranks
     from common.models import load_policy
     from common.sampling import HFSampler, VLLMSampler
     from common.sft import sft_train
@@ -1398,21 +1424,24 @@ def train(args: Args) -> Path:
 
     model_path = resolve_model(args)
     model, tokenizer = load_policy(model_path, args.dtype, args.gradient_checkpointing)
-    model = accelerator.prepare(model)
+    # one AdamW for the whole run, started afresh by every Phase II (`sft_train`); FSDP2 prepares a model only
+    # with its optimizer
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=args.lr))
     done_iterations = 0
     if checkpoint is not None:
         done_iterations = load_checkpoint(accelerator, checkpoint)["step"]
         accelerator.print(f"resumed from {checkpoint} after iteration {done_iterations}")
-    policy = accelerator.unwrap_model(model)
     if args.backend == "vllm":
-        sampler = VLLMSampler(str(checkpoint / "policy") if checkpoint else model_path, tokenizer,
-                              gpu_memory_utilization=args.vllm_gpu_memory_utilization, dtype=args.dtype, seed=args.seed)
+        sampler = VLLMSampler(model_path, tokenizer, tensor_parallel_size=args.tensor_parallel_size,
+                              gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                              max_model_len=args.vllm_max_model_len, enable_sleep_mode=args.vllm_sleep_mode,
+                              dtype=args.dtype)
     else:
-        sampler = HFSampler(policy, tokenizer)
+        sampler = HFSampler(model, tokenizer)
     agent = Agent(sampler, args.max_new_tokens, args.verifier_max_new_tokens)
     general_data = resolve_general_data(args, model_path)
     general = load_general_chats(general_data) if general_data else []
-    log = RunLog(run_dir, resume_step=done_iterations if checkpoint else None)
+    log = RunLog(run_dir, resume_step=done_iterations if checkpoint else None, is_main=accelerator.is_main_process)
     plotted = ["eval/success_rate", "eval/recovery_rate", "data/first_bad_step", "eval/repeated_actions",
                "eval/loop_share", "eval/recovery_revision_turns", "eval/revision_logprob", "search/success_share",
                "data/detected_share", "data/revision_trajectories", "data/good_trajectories", "sft/loss_last",
@@ -1420,9 +1449,11 @@ def train(args: Args) -> Path:
     title = f"Agent-R ({'revision' if args.revision else 'good only'}, t' = {args.transition}, {args.scale} scale)"
 
     def held_out(iteration: int) -> dict:
-        metrics, samples = evaluate(agent, make_env, args.eval_tasks, args.eval_max_steps, args.eval_temperature,
-                                    args.seed + 1000 * iteration, policy, tokenizer,
-                                    REVISION_THOUGHTS[: args.revision_thoughts])
+        """The held-out evaluation, every process playing its share of the tasks with the current weights."""
+        with sampler.serving(model):
+            metrics, samples = evaluate(agent, make_env, shard(args.eval_tasks), args.eval_max_steps,
+                                        args.eval_temperature, args.seed + 1000 * iteration, model, tokenizer,
+                                        REVISION_THOUGHTS[: args.revision_thoughts])
         log.samples(iteration, samples[: args.log_samples])
         return metrics
 
@@ -1435,20 +1466,26 @@ def train(args: Args) -> Path:
         seed = args.seed * 1_000_003 + iteration
         tasks = sorted(random.Random(seed).sample(pool, min(args.train_tasks, len(pool))))
 
-        # ---- Phase I.1: MCTS with the current model as policy (§3.1) ----
-        roots, starts = search_trees(tasks, make_env, agent, args, iteration_dir / "trees", seed)
-        search_time = time.perf_counter() - started
-
-        # ---- Phase I.2: good/bad pairs, the model as verifier finds t', revision trajectories (§3.2) ----
+        # ---- Phase I.1: MCTS with the current model as policy (§3.1), each process on its share of the tasks ----
+        mine = shard(tasks)
         data_path = iteration_dir / "trajectories.json"
-        if data_path.is_file():
+        accelerator.wait_for_everyone()  # every process decides from the same files whether Phase I is done
+        searched = data_path.is_file()
+        with sampler.serving(model):
+            roots, starts = search_trees(mine, make_env, agent, args, iteration_dir / "trees", seed)
+            search_time = time.perf_counter() - started
+
+            # ---- Phase I.2: good/bad pairs, the model as verifier finds t', revision trajectories (§3.2) ----
+            if not searched:
+                revision, good = critique_and_splice(roots, mine, starts, agent, args.alpha, args.beta,
+                                                     args.pairs_per_task, args.transition, args.verifier_temperature,
+                                                     seed, REVISION_THOUGHTS[: args.revision_thoughts])
+        if searched:
             data = json.loads(data_path.read_text())
         else:
-            revision, good = critique_and_splice(roots, tasks, starts, agent, args.alpha, args.beta,
-                                                 args.pairs_per_task, args.transition, args.verifier_temperature, seed,
-                                                 REVISION_THOUGHTS[: args.revision_thoughts])
-            data = {"revision": revision, "good": good}
-            data_path.write_text(json.dumps(data))
+            data = {"revision": gather_lists(revision), "good": gather_lists(good)}
+            if accelerator.is_main_process:
+                data_path.write_text(json.dumps(data))
 
         # ---- Phase II: SFT on revision + good trajectories (+ general chats at η), bad prefixes masked (§3.3) ----
         agent_data = (data["revision"] if args.revision else []) + data["good"]
@@ -1460,24 +1497,25 @@ def train(args: Args) -> Path:
         examples = [training_example(tokenizer, m) for m in mixed]
         steps = max(1, math.ceil(args.epochs * len(examples) / args.batch_size))
         try:
-            losses = sft_train(policy, examples, steps, args.batch_size, args.lr,
+            losses = sft_train(model, examples, steps, args.batch_size, args.lr,
                                warmup_steps=math.ceil(args.warmup_ratio * steps), seed=seed,
-                               micro_batch_size=args.micro_batch_size)
+                               micro_batch_size=args.micro_batch_size, progress=accelerator.is_main_process,
+                               accelerator=accelerator, optimizer=optimizer)
         except FloatingPointError as error:
             raise FloatingPointError(
                 f"iteration {iteration}: {error}. The search data of this iteration is saved in {iteration_dir} and "
                 f"the last checkpoint ({checkpoint or 'none yet'}) is intact: lower --lr and continue with --resume."
             ) from error
-        if args.backend == "vllm":
-            sampler.load_weights(policy.state_dict().items())
 
         # ---- evaluation on held-out tasks, then the checkpoint that ends the iteration ----
         paths = [leaf for root in roots for leaf in leaf_paths(root)]
+        leaves, successes, solved = sum_over_ranks([len(paths), sum(path_value(p) > args.alpha for p in paths),
+                                                    sum(root.value > 0 for root in roots)])
         revision = data["revision"]
         metrics = held_out(iteration) | {
-            "search/leaves": len(paths),
-            "search/success_share": sum(path_value(p) > args.alpha for p in paths) / max(1, len(paths)),
-            "search/tasks_solved": sum(root.value > 0 for root in roots) / len(roots),
+            "search/leaves": leaves,
+            "search/success_share": successes / max(1, leaves),
+            "search/tasks_solved": solved / len(tasks),
             "data/revision_trajectories": len(revision),
             "data/good_trajectories": len(data["good"]),
             "data/first_bad_step": sum(r["first_bad_step"] for r in revision) / max(1, len(revision)),

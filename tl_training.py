@@ -466,11 +466,25 @@ def ppo_value_loss(values, old_values, returns, mask, clip: float, total_tokens:
     return 0.5 * (torch.maximum((values - returns) ** 2, (clipped - returns) ** 2) * mask).sum() / total_tokens
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(R - V) / Var(R) over response tokens: 1 is a perfect critic, 0 no better than a constant."""
-    m = mask.bool()
-    variance = returns[m].var(unbiased=False)
-    return float("nan") if variance == 0 else float(1 - (returns[m] - values[m]).var(unbiased=False) / variance)
+def irm_targets(final_reward: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                old_values: torch.Tensor, mask: torch.Tensor, kl_coef: float, gamma: float,
+                lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What one PPO step learns from a rollout (DeepSpeed-Chat step 3, as the official code runs it): the
+    per-token rewards, -β·KL to the SFT model plus the call's IRM reward on its last token; the GAE
+    advantages over them; and the critic's targets, the returns A + V. All (B, T)."""
+    rewards = kl_penalized_rewards(old_logprobs, ref_logprobs, mask, final_reward, kl_coef)
+    advantages, returns = gae(rewards, old_values * mask, mask, gamma, lam)
+    return rewards, advantages, returns
+
+
+def ppo_losses(logprobs, values, old_logprobs, old_values, advantages, returns, mask, clip: float,
+               value_clip: float, total_tokens: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One micro-batch's share of the step's two losses (ppo_trainer.py train_rlhf): the actor's clipped
+    surrogate, whose ratio is taken against the rollout policy π_old (the SFT model enters only through the
+    KL reward), and the critic's clipped regression to the returns; both token means over the whole rollout
+    (`total_tokens`, all micro-batches and processes). Also returns where the ratio clip was active."""
+    policy_loss, clipped = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip, total_tokens)
+    return policy_loss, ppo_value_loss(values, old_values, returns, mask, value_clip, total_tokens), clipped
 
 
 def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
@@ -1051,15 +1065,18 @@ def require_chat_template(tokenizer, name: str) -> None:
 
 def evaluate(model, tokenizer, targets: Sequence[dict], max_new_tokens: int, accelerator) -> dict:
     """Share of held-out queries in each error category, and the three levels: tool selection (TS),
-    parameter identification (PI), content filling (CF = the exact call, reported as eval/accuracy)."""
+    parameter identification (PI), content filling (CF = the exact call, reported as eval/accuracy).
+    Every process answers its share of the queries with greedy decoding."""
+    from common.distributed import shard
     from common.sampling import HFSampler, encode_prompt
 
-    shard = targets[accelerator.process_index :: accelerator.num_processes]
-    prompts = [encode_prompt(tokenizer, t["messages"], t["tools"]) for t in shard]
-    sampler = HFSampler(accelerator.unwrap_model(model), tokenizer, synced_gpus=accelerator.num_processes > 1)
-    samples = sampler.generate(prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0)
+    mine = shard(targets, accelerator.process_index, accelerator.num_processes)
+    prompts = [encode_prompt(tokenizer, t["messages"], t["tools"]) for t in mine]
+    sampler = HFSampler(model, tokenizer)
+    with sampler.serving(model):
+        samples = sampler.generate(prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0)
     counts = torch.zeros(len(CATEGORIES), dtype=torch.float64, device=accelerator.device)
-    for sample, target in zip(samples, shard):
+    for sample, target in zip(samples, mine):
         counts[CATEGORIES.index(classify_tool_call(sample.text, target["gold"], target["tools"]))] += 1
     counts = accelerator.reduce(counts, "sum")
     result = {f"eval/{c}": (counts[i] / counts.sum()).item() for i, c in enumerate(CATEGORIES)}
@@ -1148,6 +1165,9 @@ def run_sft(args: Args, stage_dir: Path, base_model: str, conversations: Sequenc
 
     checkpoint = latest_checkpoint(stage_dir) if args.resume else None
     accelerator = Accelerator()
+    if args.sft_batch_size % accelerator.num_processes:
+        raise ValueError(f"--sft-batch-size {args.sft_batch_size} is not a multiple of the number of processes "
+                         f"({accelerator.num_processes}): every process takes an equal share of each batch")
     if checkpoint is None and accelerator.is_main_process:
         shutil.rmtree(stage_dir, ignore_errors=True)
     model, tokenizer = load_policy(base_model, args.dtype, args.gradient_checkpointing)
@@ -1218,6 +1238,108 @@ def run_sft(args: Args, stage_dir: Path, base_model: str, conversations: Sequenc
     return save_final(accelerator, model, tokenizer, stage_dir, evaluation), evaluation
 
 
+def irm_update(policy, critic, actor_opt, critic_opt, accelerator, batch, old_logprobs, old_values, advantages,
+               returns, args: Args, step: int, total_steps: int, stage_dir: Path) -> dict:
+    """One PPO update of actor and critic on the whole rollout (DeepSpeed-Chat: one epoch, one optimizer step
+    each), in micro-batches of --ppo-micro-batch-size responses whose losses are their share of the rollout's
+    token mean over every process. Returns this process's summed losses and counts, and the grad norms."""
+    from common.checkpoint import check_finite
+    from common.distributed import sum_over_ranks
+    from common.models import token_values
+    from common.sampling import response_logprobs
+
+    mask = batch.response_mask
+    total_tokens = sum_over_ranks([float(mask.sum())])[0]
+    logprob_temperature = args.rollout_temperature or 1.0  # greedy rollouts are scored at temperature 1
+    policy.train()
+    critic.train()
+    sums = dict.fromkeys(("pg_loss", "value_loss", "clipped", "approx_kl", "entropy"), 0.0)
+    for start in range(0, len(batch), args.ppo_micro_batch_size):
+        micro = list(range(start, min(start + args.ppo_micro_batch_size, len(batch))))
+        part = batch.select(micro)
+        width, m = part.response_mask.shape[1], part.response_mask
+        logprobs, entropy = response_logprobs(policy, part, logprob_temperature, with_entropy=True)
+        pg_loss, value_loss, clipped = ppo_losses(
+            logprobs, token_values(critic, part), old_logprobs[micro, :width], old_values[micro, :width],
+            advantages[micro, :width], returns[micro, :width], m, args.clip, args.value_clip, total_tokens)
+        check_finite(pg_loss, "policy", step, stage_dir)
+        check_finite(value_loss, "value", step, stage_dir)
+        accelerator.backward((pg_loss + value_loss) * accelerator.num_processes)  # processes' gradients are averaged
+        with torch.no_grad():
+            log_ratio = (logprobs - old_logprobs[micro, :width]) * m
+            sums["pg_loss"] += pg_loss.item()
+            sums["value_loss"] += value_loss.item()
+            sums["clipped"] += float(clipped.sum())
+            sums["approx_kl"] += float(((log_ratio.exp() - 1 - log_ratio) * m).sum())  # k3 estimator
+            sums["entropy"] += float((entropy * m).sum())
+    lrs = {"actor_lr": cosine_lr(step, total_steps, args.ppo_warmup_steps, args.actor_lr),
+           "critic_lr": cosine_lr(step, total_steps, args.ppo_warmup_steps, args.critic_lr)}
+    for optimizer, lr in ((actor_opt, lrs["actor_lr"]), (critic_opt, lrs["critic_lr"])):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    sums["actor_grad_norm"] = float(accelerator.clip_grad_norm_(policy.parameters(), args.grad_clip))
+    sums["critic_grad_norm"] = float(accelerator.clip_grad_norm_(critic.parameters(), args.grad_clip))
+    for optimizer in (actor_opt, critic_opt):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return sums | lrs
+
+
+def irm_models(args: Args, sft_model: str, accelerator):
+    """Actor and critic from the SFT model (the critic with a new value head), each prepared with its AdamW
+    (FSDP2 takes one model with its optimizer per `prepare`), and the frozen SFT reference."""
+    from common.distributed import prepare_frozen
+    from common.models import load_policy, load_value_model
+
+    policy, tokenizer = load_policy(sft_model, args.dtype, args.gradient_checkpointing)
+    require_chat_template(tokenizer, sft_model)
+    critic = load_value_model(sft_model, args.dtype, args.gradient_checkpointing)
+    reference = prepare_frozen(accelerator, load_policy(sft_model, args.dtype)[0])
+    policy, actor_opt = accelerator.prepare(
+        policy, torch.optim.AdamW(policy.parameters(), lr=args.actor_lr, betas=(0.9, args.adam_beta2)))
+    critic, critic_opt = accelerator.prepare(
+        critic, torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.9, args.adam_beta2)))
+    return policy, critic, reference, tokenizer, actor_opt, critic_opt
+
+
+def score_irm_rollout(policy, reference, critic, batch, micro_batch_size: int, temperature: float):
+    """Log-probs of the rollout policy and of the SFT reference, and the critic's values (B, T), without
+    gradient, in micro-batches of `micro_batch_size` responses."""
+    from common.models import token_values
+    from common.sampling import response_logprobs
+
+    mask = batch.response_mask
+    old_logprobs, ref_logprobs, old_values = (torch.zeros_like(mask) for _ in range(3))
+    policy.eval()
+    critic.eval()
+    with torch.no_grad():
+        for start in range(0, len(batch), micro_batch_size):
+            micro = list(range(start, min(start + micro_batch_size, len(batch))))
+            part = batch.select(micro)
+            width = part.response_mask.shape[1]
+            old_logprobs[micro, :width] = response_logprobs(policy, part, temperature)
+            ref_logprobs[micro, :width] = response_logprobs(reference, part, temperature)
+            old_values[micro, :width] = token_values(critic, part)
+    return old_logprobs, ref_logprobs, old_values
+
+
+def irm_step(policy, critic, reference, actor_opt, critic_opt, accelerator, batch, final_reward: torch.Tensor,
+             args: Args, step: int, total_steps: int, stage_dir: Path) -> tuple[dict, dict]:
+    """One PPO step on a rollout whose calls got `final_reward` (B,): log-probs of the rollout policy and of the
+    SFT reference and the critic's values (`score_irm_rollout`), the KL-penalised rewards, advantages and
+    returns (`irm_targets`), and the update (`irm_update`). Returns the update's sums and the scored tensors."""
+    mask = batch.response_mask
+    old_logprobs, ref_logprobs, old_values = score_irm_rollout(
+        policy, reference, critic, batch, args.ppo_micro_batch_size, args.rollout_temperature or 1.0)
+    old_values = old_values * mask
+    rewards, advantages, returns = irm_targets(final_reward, old_logprobs, ref_logprobs, old_values, mask,
+                                               args.kl_coef, args.gamma, args.lam)
+    sums = irm_update(policy, critic, actor_opt, critic_opt, accelerator, batch, old_logprobs, old_values, advantages,
+                      returns, args, step, total_steps, stage_dir)
+    return sums, {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "old_values": old_values,
+                  "rewards": rewards, "advantages": advantages, "returns": returns}
+
+
 def run_irm(args: Args, stage_dir: Path, sft_model: str, targets: Sequence[dict],
             eval_targets: Sequence[dict]) -> tuple[Path, dict]:
     """(3) IRM: PPO from the SFT model, one call per prompt, the error-category reward on its last token and a
@@ -1225,28 +1347,22 @@ def run_irm(args: Args, stage_dir: Path, sft_model: str, targets: Sequence[dict]
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from common.checkpoint import check_finite, latest_checkpoint, load_checkpoint, save_checkpoint
-    from common.models import load_policy, load_value_model, token_values
-    from common.sampling import HFSampler, collate, encode_prompt, response_logprobs
+    from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from common.distributed import explained_variance, shard, sum_over_ranks
+    from common.sampling import HFSampler, collate, encode_prompt
     from common.tracking import RunLog
 
     if not targets:
         raise ValueError("IRM has no prompts: no training conversation has a correct single tool call")
     checkpoint = latest_checkpoint(stage_dir) if args.resume else None
     accelerator = Accelerator()
+    if args.rollout_batch_size % accelerator.num_processes:
+        raise ValueError(f"--rollout-batch-size {args.rollout_batch_size} is not a multiple of the number of "
+                         f"processes ({accelerator.num_processes}): every process takes an equal share")
     if checkpoint is None and accelerator.is_main_process:
         shutil.rmtree(stage_dir, ignore_errors=True)
     device = accelerator.device
-
-    # ---- models: actor and critic from the SFT model (the critic with a new value head), frozen reference ----
-    policy, tokenizer = load_policy(sft_model, args.dtype, args.gradient_checkpointing)
-    require_chat_template(tokenizer, sft_model)
-    critic = load_value_model(sft_model, args.dtype, args.gradient_checkpointing)
-    reference, _ = load_policy(sft_model, args.dtype, device=device)
-    reference.requires_grad_(False).eval()
-    actor_opt = torch.optim.AdamW(policy.parameters(), lr=args.actor_lr, betas=(0.9, args.adam_beta2))
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.9, args.adam_beta2))
-    policy, critic, actor_opt, critic_opt = accelerator.prepare(policy, critic, actor_opt, critic_opt)
+    policy, critic, reference, tokenizer, actor_opt, critic_opt = irm_models(args, sft_model, accelerator)
     start = load_checkpoint(accelerator, checkpoint)["step"] if checkpoint else 0
 
     prompt_ids = [encode_prompt(tokenizer, t["messages"], t["tools"]) for t in targets]
@@ -1257,8 +1373,7 @@ def run_irm(args: Args, stage_dir: Path, sft_model: str, targets: Sequence[dict]
         epoch = list(range(len(targets)))
         shuffle.shuffle(epoch)
         order += epoch
-    sampler = HFSampler(accelerator.unwrap_model(policy), tokenizer, synced_gpus=accelerator.num_processes > 1)
-    logprob_temperature = args.rollout_temperature or 1.0  # greedy rollouts are scored at temperature 1
+    sampler = HFSampler(policy, tokenizer)
     log = RunLog(stage_dir, resume_step=start if checkpoint else None, is_main=accelerator.is_main_process)
     plotted = ["eval/accuracy", "eval/tool_selection", "eval/parameter_identification", "reward/mean",
                "rollout/correct", "policy/kl_to_sft", "policy/approx_kl", "policy/clipfrac", "policy/entropy",
@@ -1268,13 +1383,13 @@ def run_irm(args: Args, stage_dir: Path, sft_model: str, targets: Sequence[dict]
     for step in progress:
         step_start = time.perf_counter()
         rows = order[step * args.rollout_batch_size : (step + 1) * args.rollout_batch_size]
-        mine = rows[accelerator.process_index :: accelerator.num_processes]
+        mine = shard(rows, accelerator.process_index, accelerator.num_processes)
 
         # ---- 1. rollout: one response per prompt ----
-        policy.eval()
-        samples = sampler.generate([prompt_ids[r] for r in mine], n=1, max_new_tokens=args.max_new_tokens,
-                                   temperature=args.rollout_temperature, top_p=1.0,
-                                   seed=args.seed * 1_000_003 + step * 101 + accelerator.process_index)
+        with sampler.serving(policy):
+            samples = sampler.generate([prompt_ids[r] for r in mine], n=1, max_new_tokens=args.max_new_tokens,
+                                       temperature=args.rollout_temperature, top_p=1.0,
+                                       seed=args.seed * 1_000_003 + step * 101)
 
         # ---- 2. reward: the error category of each call (IRM) ----
         categories = [classify_tool_call(s.text, targets[r]["gold"], targets[r]["tools"]) for s, r in zip(samples, mine)]
@@ -1282,83 +1397,37 @@ def run_irm(args: Args, stage_dir: Path, sft_model: str, targets: Sequence[dict]
         batch = collate(samples, tokenizer.pad_token_id).to(device)
         mask = batch.response_mask  # (B, T)
 
-        # ---- 3. log-probs of the policy and the SFT reference, values of the critic ----
-        old_logprobs, ref_logprobs, old_values = (torch.zeros_like(mask) for _ in range(3))
-        critic.eval()
-        micro_batches = [list(range(i, min(i + args.ppo_micro_batch_size, len(samples))))
-                         for i in range(0, len(samples), args.ppo_micro_batch_size)]
-        with torch.no_grad():
-            for micro in micro_batches:
-                part = batch.select(micro)
-                width = part.response_mask.shape[1]
-                old_logprobs[micro, :width] = response_logprobs(policy, part, logprob_temperature)
-                ref_logprobs[micro, :width] = response_logprobs(reference, part, logprob_temperature)
-                old_values[micro, :width] = token_values(critic, part)
+        # ---- 3-5. log-probs of the policy and the SFT reference, values; KL rewards and GAE; one PPO update ----
+        sums, scored = irm_step(policy, critic, reference, actor_opt, critic_opt, accelerator, batch, final_reward,
+                                args, step, steps, stage_dir)
+        old_logprobs, ref_logprobs, old_values, returns = (scored[k] for k in ("old_logprobs", "ref_logprobs",
+                                                                                "old_values", "returns"))
 
-        # ---- 4. per-token rewards with the KL penalty, then GAE ----
-        rewards = kl_penalized_rewards(old_logprobs, ref_logprobs, mask, final_reward, args.kl_coef)
-        advantages, returns = gae(rewards, old_values * mask, mask, args.gamma, args.lam)
-
-        # ---- 5. one PPO update of actor and critic on the whole rollout (DeepSpeed-Chat: 1 epoch) ----
-        policy.train()
-        critic.train()
-        total_tokens = accelerator.reduce(mask.sum(), "sum").item()
-        sums = {k: 0.0 for k in ("pg_loss", "value_loss", "clipped", "approx_kl", "entropy")}
-        for micro in micro_batches:
-            part = batch.select(micro)
-            width = part.response_mask.shape[1]
-            m = part.response_mask
-            logprobs, entropy = response_logprobs(policy, part, logprob_temperature, with_entropy=True)
-            pg_loss, clipped = ppo_policy_loss(logprobs, old_logprobs[micro, :width], advantages[micro, :width], m,
-                                               args.clip, total_tokens)
-            check_finite(pg_loss, "policy", step, stage_dir)
-            accelerator.backward(pg_loss * accelerator.num_processes)
-            value_loss = ppo_value_loss(token_values(critic, part), old_values[micro, :width],
-                                        returns[micro, :width], m, args.value_clip, total_tokens)
-            check_finite(value_loss, "value", step, stage_dir)
-            accelerator.backward(value_loss * accelerator.num_processes)
-            with torch.no_grad():
-                log_ratio = (logprobs - old_logprobs[micro, :width]) * m
-                sums["pg_loss"] += pg_loss.item()
-                sums["value_loss"] += value_loss.item()
-                sums["clipped"] += clipped.sum().item()
-                sums["approx_kl"] += ((log_ratio.exp() - 1 - log_ratio) * m).sum().item()  # k3 estimator
-                sums["entropy"] += (entropy * m).sum().item()
-        actor_lr = cosine_lr(step, steps, args.ppo_warmup_steps, args.actor_lr)
-        critic_lr = cosine_lr(step, steps, args.ppo_warmup_steps, args.critic_lr)
-        for group in actor_opt.param_groups:
-            group["lr"] = actor_lr
-        for group in critic_opt.param_groups:
-            group["lr"] = critic_lr
-        actor_grad_norm = accelerator.clip_grad_norm_(policy.parameters(), args.grad_clip)
-        critic_grad_norm = accelerator.clip_grad_norm_(critic.parameters(), args.grad_clip)
-        actor_opt.step()
-        critic_opt.step()
-        actor_opt.zero_grad(set_to_none=True)
-        critic_opt.zero_grad(set_to_none=True)
-
-        # ---- 6. metrics, samples, evaluation, checkpoint ----
-        local_tokens = max(1.0, mask.sum().item())
+        # ---- 6. metrics over every process's responses, samples, evaluation, checkpoint ----
+        counted = [float(final_reward.sum()), len(samples), float(mask.sum()),
+                   float(((old_logprobs - ref_logprobs) * mask).sum()), sums["pg_loss"], sums["value_loss"],
+                   sums["clipped"], sums["approx_kl"], sums["entropy"]] + [categories.count(c) for c in CATEGORIES]
+        reward_sum, n, tokens, kl_sum, pg_loss, value_loss, clipped, approx_kl, entropy, *category_counts = \
+            sum_over_ranks(counted)
         metrics = {
-            "reward/mean": final_reward.mean().item(),
-            **{f"rollout/{c}": categories.count(c) / len(categories) for c in CATEGORIES},
-            "response/length_mean": mask.sum(-1).mean().item(),
-            "policy/kl_to_sft": ((old_logprobs - ref_logprobs) * mask).sum(-1).mean().item(),
-            "policy/approx_kl": sums["approx_kl"] / local_tokens,
-            "policy/clipfrac": sums["clipped"] / local_tokens,
-            "policy/entropy": sums["entropy"] / local_tokens,
-            "policy/pg_loss": sums["pg_loss"],
-            "policy/grad_norm": float(actor_grad_norm),
-            "value/loss": sums["value_loss"],
-            "value/explained_variance": explained_variance(old_values, returns, mask),
-            "value/grad_norm": float(critic_grad_norm),
-            "lr/actor": actor_lr,
-            "lr/critic": critic_lr,
+            "reward/mean": reward_sum / n,
+            **{f"rollout/{c}": count / n for c, count in zip(CATEGORIES, category_counts)},
+            "response/length_mean": tokens / n,
+            "policy/kl_to_sft": kl_sum / n,
+            "policy/approx_kl": approx_kl / tokens,
+            "policy/clipfrac": clipped / tokens,
+            "policy/entropy": entropy / tokens,
+            "policy/pg_loss": pg_loss,
+            "policy/grad_norm": sums["actor_grad_norm"],
+            "value/loss": value_loss,
+            "value/explained_variance": explained_variance(old_values, returns, mask, across_ranks=True),
+            "value/grad_norm": sums["critic_grad_norm"],
+            "lr/actor": sums["actor_lr"],
+            "lr/critic": sums["critic_lr"],
             "time/step_s": time.perf_counter() - step_start,
         }
         done = step + 1
         if done % args.eval_every == 0 or done == steps:
-            policy.eval()
             evaluation = evaluate(policy, tokenizer, eval_targets, args.max_new_tokens, accelerator)
             metrics |= evaluation
         log.metrics(done, metrics)
@@ -1375,7 +1444,6 @@ def run_irm(args: Args, stage_dir: Path, sft_model: str, targets: Sequence[dict]
                 progress.write(f"[irm {done}] {example['category']} ({example['reward']:+g}) | {example['prompt']!r} "
                                f"-> {example['response']!r}")
     if evaluation is None:  # resumed at the last step
-        policy.eval()
         evaluation = evaluate(policy, tokenizer, eval_targets, args.max_new_tokens, accelerator)
     return save_final(accelerator, policy, tokenizer, stage_dir, evaluation), evaluation
 
@@ -1384,15 +1452,16 @@ def evaluate_base(args: Args, stage_dir: Path, model_name: str, eval_targets: Se
     """The held-out evaluation of the model a run starts from (cached in `stage_dir`)."""
     from accelerate import Accelerator
 
+    from common.distributed import prepare_frozen
     from common.models import load_policy
 
     path = stage_dir / "evaluation.json"
     if args.resume and path.is_file():
         return json.loads(path.read_text())
     accelerator = Accelerator()
-    model, tokenizer = load_policy(model_name, args.dtype, device=accelerator.device)
+    model, tokenizer = load_policy(model_name, args.dtype)
     require_chat_template(tokenizer, model_name)
-    evaluation = evaluate(model.eval(), tokenizer, eval_targets, args.max_new_tokens, accelerator)
+    evaluation = evaluate(prepare_frozen(accelerator, model), tokenizer, eval_targets, args.max_new_tokens, accelerator)
     if accelerator.is_main_process:
         stage_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(evaluation, indent=2))

@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 import tyro
@@ -70,6 +70,12 @@ class Args:
     """rollout sampler: transformers `generate` (anywhere) or vLLM (GPU, `pip install -r requirements-gpu.txt`)."""
     vllm_gpu_memory_utilization: float = 0.4
     """share of GPU memory vLLM may take; the rest holds the policy and critic being trained."""
+    tensor_parallel_size: int = 8
+    """vLLM engines are groups of this many consecutive processes (tensor parallel); it must divide the
+    number of processes."""
+    vllm_sleep_mode: bool = True
+    """vLLM frees its weights and KV cache while the models train, and takes them back for each rollout
+    and evaluation (vLLM's sleep mode, level 2; CUDA only)."""
     dtype: str = "bfloat16"
     """weights' dtype for the policy and the critic ("float32" on CPU)."""
     gradient_checkpointing: bool = True
@@ -183,6 +189,7 @@ SCALES = {
         actor_lr=2e-4, critic_lr=4e-4, lr_warmup_steps=3, weight_decay=0.0,
         prompts_per_step=64, samples_per_prompt=8, mini_batch_size=128, micro_batch_tokens=4096,
         max_new_tokens=96, eval_every=10, eval_prompts=128, eval_samples=4, checkpoint_every=10,
+        tensor_parallel_size=1,
     ),
 }
 PRESETS = {
@@ -210,6 +217,15 @@ def parse_args(argv: list[str] | None = None) -> Args:
     if args.kl_coef != 0 or args.entropy_coef != 0:
         raise ValueError("VAPO uses neither a KL penalty nor an entropy bonus; --kl-coef and --entropy-coef must be 0")
     return args
+
+
+def check_process_count(args: Args, num_processes: int) -> None:
+    """The rollout and every mini-batch must split evenly over the processes: each process samples
+    prompts_per_step / N prompts and holds mini_batch_size / N samples of every mini-batch."""
+    for name, value in (("--prompts-per-step", args.prompts_per_step), ("--mini-batch-size", args.mini_batch_size)):
+        if value % num_processes:
+            raise ValueError(f"{name} {value} is not a multiple of the number of processes ({num_processes}): "
+                             f"every process takes an equal share; choose a multiple of {num_processes}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,12 +268,16 @@ def length_adaptive_lambda(response_lengths: torch.Tensor, alpha: float) -> torc
     return (1.0 - 1.0 / (alpha * lengths)).clamp(0.0, 1.0).to(torch.float32)
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries (not part of VAPO; see Args.whiten_advantages)."""
-    n = mask.sum()
-    mean = (values * mask).sum() / n
-    var = (((values - mean) * mask) ** 2).sum() / n
-    return (values - mean) * torch.rsqrt(var + eps) * mask
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, across_ranks: bool = False) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (not part of VAPO; see Args.whiten_advantages).
+    `across_ranks`: the mean and std of every rank's entries, so the rollout is whitened as one batch."""
+    from common.distributed import sum_over_ranks
+
+    sums = [(values * mask).sum(), (values * values * mask).sum(), mask.sum()]
+    total, squares, n = sum_over_ranks(sums) if across_ranks else [float(v) for v in sums]
+    mean = total / n
+    var = max(squares / n - mean * mean, 0.0)
+    return (values - mean) * (var + eps) ** -0.5 * mask
 
 
 def clipped_policy_loss(logprobs, old_logprobs, advantages, clip_low: float, clip_high: float):
@@ -313,17 +333,6 @@ def value_loss(values, old_values, returns, mask, clip: float | None, total_toke
     return 0.5 * (squared * mask).sum() / total_tokens
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(R - V) / Var(R) over response tokens: 1 is a perfect critic, 0 no better than a constant.
-    VC-PPO and VAPO stop value pretraining once it (and the value loss) is good enough."""
-    m = mask.bool()
-    r, v = returns[m], values[m]
-    variance = r.var(unbiased=False)
-    if variance < 1e-8:  # every return equal (e.g. no sample correct): nothing to explain
-        return float("nan")
-    return float(1 - (r - v).var(unbiased=False) / variance)
-
-
 def leave_one_out_baseline(rewards: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
     """Each sample's baseline from its group (B,): the mean reward of the *other* samples of its prompt
     (RLOO's baseline; GRPO subtracts the group mean with the sample itself in it). NaN for a prompt with one sample.
@@ -333,6 +342,104 @@ def leave_one_out_baseline(rewards: torch.Tensor, prompt_ids: torch.Tensor) -> t
     totals = torch.zeros(int(ids.max()) + 1, dtype=rewards.dtype, device=rewards.device).index_add_(0, ids, rewards)
     counts = torch.bincount(ids).to(rewards.dtype)
     return (totals[ids] - rewards) / (counts[ids] - 1)
+
+
+def token_rewards(response_mask: torch.Tensor, correct: torch.Tensor, reward_correct: float,
+                  reward_wrong: float) -> torch.Tensor:
+    """The verifier's verdict as a reward on each response's last token and 0 on every other (B, T)
+    (VAPO §2.2 and §3.3: a rule-based outcome reward, so the reward is sparse). `correct` is (B,) bool."""
+    lengths = response_mask.sum(-1).long()
+    if (lengths == 0).any():
+        raise ValueError("a response has no tokens: its reward has no token to sit on")
+    rewards = torch.zeros_like(response_mask)
+    final = torch.where(correct, reward_correct, reward_wrong).to(response_mask.dtype)
+    rewards[torch.arange(len(lengths), device=lengths.device), lengths - 1] = final
+    return rewards
+
+
+def policy_lambda(lengths: torch.Tensor, length_adaptive: bool, alpha: float, lam_policy: float) -> torch.Tensor:
+    """λ of the advantages, one per sequence (B,): (3) length-adaptive, 1 - 1/(α·l) (VAPO Eq. 5), or the
+    fixed λ_policy of vanilla PPO."""
+    if length_adaptive:
+        return length_adaptive_lambda(lengths, alpha)
+    return torch.full(lengths.shape, lam_policy, dtype=torch.float32, device=lengths.device)
+
+
+def critic_lambda(value_pretraining: bool, decoupled_gae: bool, lam_critic: float,
+                  lam_policy: torch.Tensor) -> float | torch.Tensor:
+    """λ of the critic's targets: (1) value pretraining regresses on Monte-Carlo returns, λ = 1 (VAPO
+    §4.1, VC-PPO); (2) decoupled GAE, λ_critic (1.0: no reward decay, §4.1); without it the critic
+    shares the policy's λ, as in vanilla PPO."""
+    if value_pretraining:
+        return 1.0
+    return lam_critic if decoupled_gae else lam_policy
+
+
+def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                           lam_policy: float | torch.Tensor, lam_critic: float | torch.Tensor,
+                           whiten_advantages: bool, across_ranks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy's advantages GAE(λ_policy) (VAPO Eq. 3), whitened over the rollout if asked, and the
+    critic's targets GAE(λ_critic) + V (decoupled GAE, §4.1), both (B, T) and 0 off the response."""
+    advantages = gae(rewards, values, mask, gamma, lam_policy)
+    returns = (gae(rewards, values, mask, gamma, lam_critic) + values) * mask
+    if whiten_advantages:
+        advantages = whiten(advantages, mask, across_ranks=across_ranks)
+    return advantages, returns
+
+
+def phase_targets(mask: torch.Tensor, correct: torch.Tensor, values: torch.Tensor, value_pretraining: bool,
+                  args: Args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What one rollout's updates learn from, in the phase the step is in: the verdicts as token rewards
+    (§2.2), the policy's λ per sequence (3), the critic's λ (1, 2), and from them the advantages and the
+    critic's targets (Eq. 3, §4.1), whitened over every process's tokens if asked. Returns (rewards,
+    lam_policy, advantages, returns); `values` are the critic's V(s_t) of the rollout (B, T)."""
+    rewards = token_rewards(mask, correct, args.reward_correct, args.reward_wrong)
+    lam_policy = policy_lambda(mask.sum(-1), args.length_adaptive_gae, args.alpha, args.lam_policy)
+    lam_critic = critic_lambda(value_pretraining, args.decoupled_gae, args.lam_critic, lam_policy)
+    advantages, returns = advantages_and_returns(rewards, values, mask, args.gamma, lam_policy, lam_critic,
+                                                 args.whiten_advantages, across_ranks=True)
+    return rewards, lam_policy, advantages, returns
+
+
+def loss_denominators(mask: torch.Tensor, correct: torch.Tensor) -> list[float]:
+    """A mini-batch's (tokens, samples, tokens of correct samples): the denominators of the token mean
+    (Eq. 7), the sample mean (Eq. 6) and the positive-example LM loss (Eq. 9). The loop sums them over
+    processes, so every micro-batch's loss is its share of the whole mini-batch's."""
+    return [float(mask.sum()), float(mask.shape[0]), float((mask * correct.to(mask.dtype).unsqueeze(-1)).sum())]
+
+
+def actor_loss(logprobs, old_logprobs, advantages, mask, correct, denominators: Sequence[float], clip_low: float,
+               clip_high: float, token_level_loss: bool, nll_coef: float) -> tuple[torch.Tensor, dict]:
+    """One micro-batch's share of the actor's loss: the clipped surrogate with clip-higher (Eq. 8),
+    reduced by token or by sample (Eq. 7 / Eq. 6), plus μ times the positive-example LM loss (Eq. 10).
+    `denominators` are the whole mini-batch's (`loss_denominators`, summed over processes). Also returns
+    the parts and the clipped-token counts for logging."""
+    n_tokens, n_samples, n_correct_tokens = denominators
+    per_token, clipped_high, clipped_low = clipped_policy_loss(logprobs, old_logprobs, advantages, clip_low, clip_high)
+    pg_loss = aggregate(per_token, mask, token_level_loss, n_tokens, n_samples)
+    nll = positive_nll_loss(logprobs, mask, correct, n_correct_tokens)
+    parts = {"pg_loss": pg_loss.item(), "nll_loss": nll.item(), "clip_high": float((clipped_high * mask).sum()),
+             "clip_low": float((clipped_low * mask).sum())}
+    return pg_loss + nll_coef * nll, parts
+
+
+def minibatch_rows(first_sample: int, num_samples: int, updates: int, seed: int) -> list[list[int]]:
+    """This process's rows of each of a rollout's `updates` mini-batches; the process holds the rollout's
+    samples [first_sample, first_sample + num_samples).
+
+    A shuffle stratified by position: each run of `updates` consecutive samples of the rollout (a tile)
+    sends one sample to every mini-batch, in a random order of its own. The mini-batches are then the same
+    however the rollout is split over processes, and every process holds an equal share of each. (With the
+    paper's 16 samples per prompt and 16 updates, each mini-batch holds one sample of every prompt.)"""
+    if num_samples % updates or first_sample % updates:
+        raise ValueError(f"a process's {num_samples} samples from sample {first_sample} do not split into "
+                         f"{updates} equal shares of every mini-batch")
+    batches: list[list[int]] = [[] for _ in range(updates)]
+    for tile in range(first_sample // updates, (first_sample + num_samples) // updates):
+        order = torch.randperm(updates, generator=torch.Generator().manual_seed(seed * 1_000_003 + tile)).tolist()
+        for position, batch in enumerate(order):
+            batches[batch].append(tile * updates + position - first_sample)
+    return batches
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,36 +476,119 @@ def evaluation_seed(seed: int, step: int) -> int:
     return seed * 1_000_003 + 10**6 + step
 
 
-def micro_batches(lengths: list[int], rows: list[int], token_budget: int, pass_cost: int = 256) -> list[list[int]]:
-    """Split `rows` into micro-batches whose padded size (rows × longest) fits `token_budget`, with as
-    little padding as possible.
-
-    Sorted by length, the best micro-batches are runs of neighbours, and a run's padded size is its row
-    count times its last row's length; dynamic programming picks the runs that minimise the padded
-    tokens plus `pass_cost` tokens per forward pass (a pass has a fixed cost, so one row per pass, which
-    has no padding at all, is not the cheapest). A row longer than the budget gets a pass of its own.
-    """
-    ordered = sorted(rows, key=lambda r: lengths[r])
-    n = len(ordered)
-    cost, start_of = [0.0] + [math.inf] * n, [0] * (n + 1)  # best cost of the first j rows; where its last run starts
-    for j in range(1, n + 1):
-        longest = lengths[ordered[j - 1]]
-        for i in range(j - 1, -1, -1):
-            padded = (j - i) * longest
-            if padded > token_budget and j - i > 1:
-                break
-            if cost[i] + padded + pass_cost < cost[j]:
-                cost[j], start_of[j] = cost[i] + padded + pass_cost, i
-    groups, j = [], n
-    while j:
-        groups.append(ordered[start_of[j] : j])
-        j = start_of[j]
-    return groups[::-1]
-
-
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """One rollout on this process, laid out for the updates: every tensor (B, T) but `correct` (B,)."""
+
+    batch: "RolloutBatch"
+    correct: torch.Tensor
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    first_sample: int  # this process's first sample in the rollout (the rollout is split over processes)
+
+
+def score_rollout(policy, critic, batch, micro_batch_tokens: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the rollout policy π_θold and values V(s_t) of the critic (B, T), without gradient, in
+    token-budget micro-batches (as many on every process)."""
+    from common.distributed import equal_micro_batches
+    from common.models import token_values
+    from common.sampling import response_logprobs
+
+    mask = batch.response_mask
+    old_logprobs, old_values = torch.zeros_like(mask), torch.zeros_like(mask)
+    policy.eval()
+    critic.eval()
+    with torch.no_grad():
+        for rows in equal_micro_batches(batch.attention_mask.sum(-1).tolist(), range(len(batch)), micro_batch_tokens):
+            part = batch.select(rows)
+            width = part.response_mask.shape[1]
+            old_logprobs[rows, :width] = response_logprobs(policy, part, temperature)
+            old_values[rows, :width] = token_values(critic, part)
+    return old_logprobs, old_values * mask
+
+
+def ppo_update(policy, critic, actor_opt, critic_opt, accelerator, rollout: Rollout, args: Args, step: int,
+               train_actor: bool, run_dir: Path) -> dict:
+    """PPO on one rollout: `ppo_epochs` passes over the rollout's global mini-batches (rollout size /
+    --mini-batch-size optimizer steps per pass, whatever the number of processes), each mini-batch run as
+    token-budget micro-batches whose losses are their share of the whole mini-batch's (the denominators
+    are the mini-batch's, over all processes), so the gradient is that of the mini-batch taken as one
+    batch. With `train_actor` off (value pretraining) only the critic learns. Returns the summed losses
+    and counts of this process."""
+    from common.checkpoint import check_finite
+    from common.distributed import equal_micro_batches, sum_over_ranks
+    from common.models import token_values
+    from common.sampling import response_logprobs
+
+    batch, mask, correct = rollout.batch, rollout.batch.response_mask, rollout.correct
+    lengths = batch.attention_mask.sum(-1).tolist()
+    updates_per_epoch = args.rollout_size // args.mini_batch_size
+    per_process = accelerator.num_processes  # gradients are averaged over processes: undo it
+    sums = dict.fromkeys(("pg_loss", "nll_loss", "value_loss", "clip_high", "clip_low", "approx_kl", "entropy",
+                          "tokens", "padded_tokens", "actor_grad_norm", "critic_grad_norm", "updates"), 0.0)
+    policy.train()
+    critic.train()
+    for epoch in range(args.ppo_epochs):
+        shuffle_seed = args.seed * 1_000_003 + step * 101 + epoch
+        for mb_rows in minibatch_rows(rollout.first_sample, len(batch), updates_per_epoch, shuffle_seed):
+            denominators = sum_over_ranks(loss_denominators(mask[mb_rows], correct[mb_rows]))
+            for rows in equal_micro_batches(lengths, mb_rows, args.micro_batch_tokens):
+                part = batch.select(rows)
+                width, m = part.response_mask.shape[1], part.response_mask
+                sums["tokens"] += float(part.attention_mask.sum())
+                sums["padded_tokens"] += part.attention_mask.numel()
+                if train_actor:
+                    logprobs, entropy = response_logprobs(policy, part, args.temperature, with_entropy=True)
+                    old = rollout.old_logprobs[rows, :width]
+                    loss, parts = actor_loss(logprobs, old, rollout.advantages[rows, :width], m, correct[rows],
+                                             denominators, args.clip_low, args.clip_high, args.token_level_loss,
+                                             args.nll_coef)
+                    check_finite(loss, "actor", step, run_dir)
+                    accelerator.backward(loss * per_process)
+                    with torch.no_grad():
+                        log_ratio = (logprobs - old) * m
+                        sums["approx_kl"] += float((((log_ratio.exp() - 1) - log_ratio) * m).sum())  # k3
+                        sums["entropy"] += float((entropy * m).sum())
+                    for key, value in parts.items():
+                        sums[key] += value
+                critic_loss = value_loss(token_values(critic, part), rollout.old_values[rows, :width],
+                                         rollout.returns[rows, :width], m, args.value_clip, denominators[0])
+                check_finite(critic_loss, "critic", step, run_dir)
+                accelerator.backward(critic_loss * per_process)
+                sums["value_loss"] += critic_loss.item()
+            if train_actor:
+                sums["actor_grad_norm"] += float(accelerator.clip_grad_norm_(policy.parameters(), args.grad_clip))
+                actor_opt.step()
+                actor_opt.zero_grad(set_to_none=True)
+            sums["critic_grad_norm"] += float(accelerator.clip_grad_norm_(critic.parameters(), args.grad_clip))
+            critic_opt.step()
+            critic_opt.zero_grad(set_to_none=True)
+            sums["updates"] += 1
+    return sums
+
+
+def prepared_models(args: Args, model_path: str, accelerator):
+    """The policy and the critic (VAPO §5.1: a separate critic, from --value-model or the policy), each with
+    its AdamW and its warmup-then-constant schedule (counted in rollouts), prepared by accelerate one model
+    at a time (FSDP2 takes one model with its optimizer per `prepare`)."""
+    from common.models import load_policy, load_value_model
+
+    policy, tokenizer = load_policy(model_path, args.dtype, args.gradient_checkpointing)
+    critic = load_value_model(args.value_model or model_path, args.dtype, args.gradient_checkpointing)
+    warmup = lambda rollouts: min(1.0, (rollouts + 1) / max(1, args.lr_warmup_steps))  # noqa: E731
+    prepared = []
+    for model, lr in ((policy, args.actor_lr), (critic, args.critic_lr)):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+        prepared.append(accelerator.prepare(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)))
+    (policy, actor_opt, actor_sched), (critic, critic_opt, critic_sched) = prepared
+    return policy, critic, tokenizer, (actor_opt, critic_opt), (actor_sched, critic_sched)
 
 
 def train(args: Args) -> Path:
@@ -406,13 +596,16 @@ def train(args: Args) -> Path:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from common.checkpoint import check_finite, latest_checkpoint, load_checkpoint, save_checkpoint
-    from common.models import load_policy, load_value_model, token_values
+    from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from common.distributed import explained_variance, largest, shard, sum_over_ranks
     from common.rewards import check_math_answer
-    from common.sampling import HFSampler, VLLMSampler, collate, response_logprobs
+    from common.sampling import HFSampler, VLLMSampler, collate, encode_prompt
     from common.tracking import RunLog
 
-    accelerator = Accelerator()
+    # schedulers step once per rollout, whatever the number of processes (accelerate's default would step
+    # them once per process)
+    accelerator = Accelerator(step_scheduler_with_optimizer=False)
+    check_process_count(args, accelerator.num_processes)
     set_seed(args.seed, device_specific=True)
     run_dir = Path(args.run_dir)
     checkpoint = latest_checkpoint(run_dir) if args.resume else None
@@ -421,16 +614,8 @@ def train(args: Args) -> Path:
 
     # ---- models: the policy, and a separate critic with its own optimizer (VAPO §5.1) ----
     model_path = resolve_model(args.model)
-    policy, tokenizer = load_policy(model_path, args.dtype, args.gradient_checkpointing)
-    critic = load_value_model(args.value_model or model_path, args.dtype, args.gradient_checkpointing)
-    actor_opt = torch.optim.AdamW(policy.parameters(), lr=args.actor_lr, weight_decay=args.weight_decay)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
-    warmup = lambda step: min(1.0, (step + 1) / max(1, args.lr_warmup_steps))  # noqa: E731
-    actor_sched = torch.optim.lr_scheduler.LambdaLR(actor_opt, warmup)
-    critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, warmup)
-    policy, critic, actor_opt, critic_opt, actor_sched, critic_sched = accelerator.prepare(
-        policy, critic, actor_opt, critic_opt, actor_sched, critic_sched
-    )
+    policy, critic, tokenizer, (actor_opt, critic_opt), (actor_sched, critic_sched) = prepared_models(
+        args, model_path, accelerator)
     device = accelerator.device
 
     # ---- data: each process samples its own share of the prompts ----
@@ -447,10 +632,13 @@ def train(args: Args) -> Path:
         accelerator.print(f"resumed from {checkpoint} at step {start_step}")
 
     if args.backend == "vllm":
-        sampler = VLLMSampler(model_path, tokenizer, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                              dtype=args.dtype, max_model_len=None, seed=args.seed + accelerator.process_index)
+        longest_prompt = max(len(encode_prompt(tokenizer, r["prompt"])) for r in train_rows + eval_rows)
+        sampler = VLLMSampler(model_path, tokenizer, tensor_parallel_size=args.tensor_parallel_size,
+                              gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                              max_model_len=longest_prompt + args.max_new_tokens, enable_sleep_mode=args.vllm_sleep_mode,
+                              dtype=args.dtype)
     else:
-        sampler = HFSampler(accelerator.unwrap_model(policy), tokenizer, synced_gpus=accelerator.num_processes > 1)
+        sampler = HFSampler(policy, tokenizer)
     log = RunLog(run_dir, resume_step=start_step if checkpoint else None, is_main=accelerator.is_main_process)
     plotted = ["eval/accuracy", "reward/accuracy", "reward/mean", "response/length_mean", "value/explained_variance",
                "value/group_baseline_explained_variance", "value/loss", "policy/clipfrac_high", "policy/clipfrac_low",
@@ -458,46 +646,37 @@ def train(args: Args) -> Path:
                "gae/lambda_policy_mean", "time/step_s"]
 
     def evaluate(step: int) -> dict:
-        """avg@k accuracy on the held-out prompts with the eval sampling settings (VAPO §5.1)."""
-        shard = eval_rows[accelerator.process_index :: accelerator.num_processes]
-        samples = sampler.generate([r["prompt"] for r in shard], n=args.eval_samples, max_new_tokens=args.max_new_tokens,
-                                   temperature=args.eval_temperature, top_p=args.eval_top_p, seed=evaluation_seed(args.seed, step))
-        verdicts = [check_math_answer(s.text, str(shard[s.prompt_index]["reward_model"]["ground_truth"])) for s in samples]
-        stats = torch.tensor([sum(v.correct for v in verdicts), len(verdicts)], device=device, dtype=torch.float64)
-        stats = accelerator.reduce(stats, "sum")
-        return {"eval/accuracy": (stats[0] / stats[1]).item()}
-
-    timings = {}
-
-    def timed(name):
-        class Timer:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timings[f"time/{name}_s"] = timings.get(f"time/{name}_s", 0.0) + time.perf_counter() - self.start
-        return Timer()
+        """avg@k accuracy on the held-out prompts with the eval sampling settings (VAPO §5.1), sampled from the
+        policy's current weights."""
+        rows = shard(eval_rows, accelerator.process_index, accelerator.num_processes)
+        with sampler.serving(policy):
+            samples = sampler.generate([r["prompt"] for r in rows], n=args.eval_samples, max_new_tokens=args.max_new_tokens,
+                                       temperature=args.eval_temperature, top_p=args.eval_top_p,
+                                       seed=evaluation_seed(args.seed, step))
+        correct = sum(check_math_answer(s.text, str(rows[s.prompt_index]["reward_model"]["ground_truth"])).correct
+                      for s in samples)
+        hits, total = sum_over_ranks([correct, len(samples)])
+        return {"eval/accuracy": hits / total}
 
     if start_step == 0:
         log.metrics(0, evaluate(0))
     progress = tqdm(range(start_step, args.total_steps), initial=start_step, total=args.total_steps,
                     disable=not accelerator.is_main_process, desc="vapo")
     for step in progress:
-        timings.clear()
         step_start = time.perf_counter()
         # (1) Value pretraining: the policy stays frozen at its initial weights, only the critic learns.
-        critic_only = step < args.value_pretrain_steps
+        value_pretraining = step < args.value_pretrain_steps
 
         # ---- 1. rollout: group sampling, prompts × samples per prompt (§4.3 item 7) ----
         first = state["position"] + accelerator.process_index * prompts_here
         prompts = [train_rows[order[(first + j) % len(order)]] for j in range(prompts_here)]
         state["position"] += args.prompts_per_step
-        with timed("generate"):
-            if args.backend == "vllm":
-                sampler.load_weights(accelerator.get_state_dict(policy).items())
+        generate_start = time.perf_counter()
+        with sampler.serving(policy):
             samples = sampler.generate([p["prompt"] for p in prompts], n=args.samples_per_prompt,
                                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                       top_p=1.0, seed=args.seed * 100_003 + step * 997 + accelerator.process_index)
+                                       top_p=1.0, seed=args.seed * 100_003 + step * 997)
+        generate_time = time.perf_counter() - generate_start
 
         # ---- 2. reward: the verifier's verdict, on the last response token only (§2.2) ----
         verdicts = [check_math_answer(s.text, str(prompts[s.prompt_index]["reward_model"]["ground_truth"]))
@@ -506,141 +685,79 @@ def train(args: Args) -> Path:
         batch = collate(samples, tokenizer.pad_token_id).to(device)
         mask = batch.response_mask  # (B, T)
         lengths = mask.sum(-1)
-        rewards = torch.zeros_like(mask)
-        final_reward = torch.where(correct, args.reward_correct, args.reward_wrong).to(mask.dtype)
-        rewards[torch.arange(len(samples), device=device), lengths.long() - 1] = final_reward
 
-        # ---- 3. old log-probs and values, no gradient, in token-budget micro-batches ----
-        full_lengths = (batch.attention_mask.sum(-1)).tolist()
-        all_rows = list(range(len(samples)))
-        old_logprobs, old_values = torch.zeros_like(mask), torch.zeros_like(mask)
-        policy.eval()
-        critic.eval()
-        with torch.no_grad():
-            for rows in micro_batches(full_lengths, all_rows, args.micro_batch_tokens):
-                part = batch.select(rows)
-                width = part.response_mask.shape[1]
-                with timed("logprobs"):
-                    old_logprobs[rows, :width] = response_logprobs(policy, part, args.temperature)
-                with timed("values"):
-                    old_values[rows, :width] = token_values(critic, part)
-        old_values = old_values * mask
+        # ---- 3. old log-probs and values, no gradient ----
+        score_start = time.perf_counter()
+        old_logprobs, old_values = score_rollout(policy, critic, batch, args.micro_batch_tokens, args.temperature)
+        score_time = time.perf_counter() - score_start
 
-        # ---- 4. advantages and returns (§4.1, §4.2) ----
-        if args.length_adaptive_gae:
-            lam_policy = length_adaptive_lambda(lengths, args.alpha).to(device)  # (3) per sequence
-        else:
-            lam_policy = torch.full_like(lengths, args.lam_policy)
-        advantages = gae(rewards, old_values, mask, args.gamma, lam_policy)
-        if critic_only:
-            lam_critic = 1.0  # (1) value pretraining regresses on Monte-Carlo returns
-        else:
-            lam_critic = args.lam_critic if args.decoupled_gae else lam_policy  # (2) decoupled GAE
-        returns = (gae(rewards, old_values, mask, args.gamma, lam_critic) + old_values) * mask
-        if args.whiten_advantages:
-            advantages = whiten(advantages, mask)
+        # ---- 4. token rewards, λs, advantages and returns of this phase (§4.1, §4.2) ----
+        rewards, lam_policy, advantages, returns = phase_targets(mask, correct, old_values, value_pretraining, args)
 
-        # ---- 5. PPO updates: K epochs of mini-batches, each split into micro-batches ----
-        policy.train()
-        critic.train()
-        sums = {k: 0.0 for k in ("pg_loss", "nll_loss", "value_loss", "clip_high", "clip_low", "approx_kl",
-                                 "entropy", "tokens", "padded_tokens", "actor_grad_norm", "critic_grad_norm")}
-        updates = 0
-        for epoch in range(args.ppo_epochs):
-            shuffle = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 101 + epoch)
-            permutation = torch.randperm(len(samples), generator=shuffle).tolist()
-            for start in range(0, len(samples), args.mini_batch_size):
-                mb_rows = permutation[start : start + args.mini_batch_size]
-                # global denominators: this mini-batch's tokens, samples and correct-sample tokens, all processes
-                counts = torch.stack([mask[mb_rows].sum(), torch.tensor(float(len(mb_rows)), device=device),
-                                      (mask[mb_rows] * correct[mb_rows].unsqueeze(-1)).sum()]).double()
-                n_tokens, n_samples, n_correct_tokens = accelerator.reduce(counts, "sum").tolist()
-                per_process = accelerator.num_processes  # gradients are averaged over processes: undo it
-                for rows in micro_batches(full_lengths, mb_rows, args.micro_batch_tokens):
-                    part = batch.select(rows)
-                    width = part.response_mask.shape[1]
-                    m = part.response_mask
-                    sums["tokens"] += part.attention_mask.sum().item()
-                    sums["padded_tokens"] += part.attention_mask.numel()
-                    if not critic_only:
-                        with timed("actor"):
-                            logprobs, entropy = response_logprobs(policy, part, args.temperature, with_entropy=True)
-                            pg, high, low = clipped_policy_loss(logprobs, old_logprobs[rows, :width],
-                                                                advantages[rows, :width], args.clip_low, args.clip_high)
-                            pg_loss = aggregate(pg, m, args.token_level_loss, n_tokens, n_samples)  # (4)
-                            nll = positive_nll_loss(logprobs, m, correct[rows], n_correct_tokens)  # (6)
-                            actor_loss = (pg_loss + args.nll_coef * nll) * per_process
-                            check_finite(actor_loss, "actor", step, run_dir)
-                            accelerator.backward(actor_loss)
-                        with torch.no_grad():
-                            log_ratio = logprobs - old_logprobs[rows, :width]
-                            sums["pg_loss"] += pg_loss.item()
-                            sums["nll_loss"] += nll.item()
-                            sums["clip_high"] += (high * m).sum().item()
-                            sums["clip_low"] += (low * m).sum().item()
-                            sums["approx_kl"] += (((log_ratio.exp() - 1) - log_ratio) * m).sum().item()  # k3
-                            sums["entropy"] += (entropy * m).sum().item()
-                    with timed("critic"):
-                        v = token_values(critic, part)
-                        critic_loss = value_loss(v, old_values[rows, :width], returns[rows, :width], m,
-                                                 args.value_clip, n_tokens) * per_process
-                        check_finite(critic_loss, "critic", step, run_dir)
-                        accelerator.backward(critic_loss)
-                    sums["value_loss"] += critic_loss.item() / per_process
-                if not critic_only:
-                    sums["actor_grad_norm"] += float(accelerator.clip_grad_norm_(policy.parameters(), args.grad_clip))
-                    actor_opt.step()
-                    actor_sched.step()
-                actor_opt.zero_grad(set_to_none=True)
-                sums["critic_grad_norm"] += float(accelerator.clip_grad_norm_(critic.parameters(), args.grad_clip))
-                critic_opt.step()
-                critic_sched.step()
-                critic_opt.zero_grad(set_to_none=True)
-                updates += 1
+        # ---- 5. PPO updates, then the schedulers (once per rollout) ----
+        update_start = time.perf_counter()
+        rollout = Rollout(batch, correct, old_logprobs, old_values, advantages, returns,
+                          first_sample=accelerator.process_index * len(samples))
+        sums = ppo_update(policy, critic, actor_opt, critic_opt, accelerator, rollout, args, step,
+                          train_actor=not value_pretraining, run_dir=run_dir)
+        if not value_pretraining:
+            actor_sched.step()
+        critic_sched.step()
+        update_time = time.perf_counter() - update_start
 
-        # ---- 6. metrics, samples, evaluation, checkpoint ----
-        n_tok = max(1.0, mask.sum().item()) * args.ppo_epochs
+        # ---- 6. metrics over every process's samples, evaluation, checkpoint ----
+        updates = sums.pop("updates")
+        grad_norms = {k: sums.pop(k) / updates for k in ("actor_grad_norm", "critic_grad_norm")}  # already global
+        total = dict(zip(sums, sum_over_ranks(list(sums.values()))))
+        n_samples, n_correct, n_unparsed, n_truncated, n_tokens, reward_sum, lambda_sum, abs_advantage = sum_over_ranks([
+            len(samples), float(correct.sum()), sum(v.parse_failed for v in verdicts),
+            sum(s.finish_reason == "length" for s in samples), float(mask.sum()),
+            float(rewards.sum()), float(lam_policy.sum()), float((advantages.abs() * mask).sum())])
+        update_tokens = max(1.0, n_tokens) * args.ppo_epochs
         metrics = {
-            "phase": "value_pretrain" if critic_only else "rl",
-            "reward/mean": final_reward.mean().item(),
-            "reward/accuracy": correct.float().mean().item(),
-            "reward/parse_failures": sum(v.parse_failed for v in verdicts) / len(verdicts),
-            "response/length_mean": lengths.mean().item(),
-            "response/length_max": lengths.max().item(),
-            "response/truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
-            "value/loss": sums["value_loss"] / updates,
-            "value/explained_variance": explained_variance(old_values, returns, mask),
-            "value/mean": ((old_values * mask).sum() / mask.sum()).item(),
-            "gae/lambda_policy_mean": lam_policy.float().mean().item(),
-            "gae/advantage_abs_mean": ((advantages.abs() * mask).sum() / mask.sum()).item(),
-            "value/grad_norm": sums["critic_grad_norm"] / updates,
-            "perf/padding_efficiency": sums["tokens"] / max(1.0, sums["padded_tokens"]),
+            "phase": "value_pretrain" if value_pretraining else "rl",
+            "reward/mean": reward_sum / n_samples,
+            "reward/accuracy": n_correct / n_samples,
+            "reward/parse_failures": n_unparsed / n_samples,
+            "response/length_mean": n_tokens / n_samples,
+            "response/length_max": largest(int(lengths.max())),
+            "response/truncated_frac": n_truncated / n_samples,
+            "value/loss": total["value_loss"] / updates,
+            "value/explained_variance": explained_variance(old_values, returns, mask, across_ranks=True),
+            "value/mean": sum_over_ranks([float(old_values.sum())])[0] / n_tokens,
+            "gae/lambda_policy_mean": lambda_sum / n_samples,
+            "gae/advantage_abs_mean": abs_advantage / n_tokens,
+            "value/grad_norm": grad_norms["critic_grad_norm"],
+            "perf/padding_efficiency": total["tokens"] / max(1.0, total["padded_tokens"]),
             "lr/actor": actor_sched.get_last_lr()[0],
             "lr/critic": critic_sched.get_last_lr()[0],
         }
         if args.samples_per_prompt > 1:  # the critic against the baseline a critic-free method would get
             prompt_ids = torch.tensor([s.prompt_index for s in samples], device=device)
+            final_reward = rewards.sum(-1)
             group_baseline = leave_one_out_baseline(final_reward, prompt_ids).unsqueeze(-1) * mask
-            metrics["value/group_baseline_explained_variance"] = explained_variance(group_baseline, returns, mask)
-        if not critic_only:
+            metrics["value/group_baseline_explained_variance"] = explained_variance(group_baseline, returns, mask,
+                                                                                    across_ranks=True)
+        if not value_pretraining:
             metrics |= {
-                "policy/pg_loss": sums["pg_loss"] / updates,
-                "policy/nll_loss": sums["nll_loss"] / updates,
-                "policy/clipfrac_high": sums["clip_high"] / n_tok,
-                "policy/clipfrac_low": sums["clip_low"] / n_tok,
-                "policy/approx_kl": sums["approx_kl"] / n_tok,
-                "policy/entropy": sums["entropy"] / n_tok,
-                "policy/grad_norm": sums["actor_grad_norm"] / updates,
+                "policy/pg_loss": total["pg_loss"] / updates,
+                "policy/nll_loss": total["nll_loss"] / updates,
+                "policy/clipfrac_high": total["clip_high"] / update_tokens,
+                "policy/clipfrac_low": total["clip_low"] / update_tokens,
+                "policy/approx_kl": total["approx_kl"] / update_tokens,
+                "policy/entropy": total["entropy"] / update_tokens,
+                "policy/grad_norm": grad_norms["actor_grad_norm"],
             }
         step_time = time.perf_counter() - step_start
-        metrics |= timings | {"time/step_s": step_time,
-                              "perf/tokens_per_s": (batch.attention_mask.sum().item() * (1 + args.ppo_epochs)) / step_time}
+        all_tokens = sum_over_ranks([float(batch.attention_mask.sum())])[0]
+        metrics |= {"time/generate_s": generate_time, "time/score_s": score_time, "time/update_s": update_time,
+                    "time/step_s": step_time, "perf/tokens_per_s": all_tokens * (1 + args.ppo_epochs) / step_time}
         done = step + 1
         if done % args.eval_every == 0 or done == args.total_steps:
             metrics |= evaluate(done)
         log.metrics(done, metrics)
         examples = [{"prompt": prompts[s.prompt_index]["prompt"][-1]["content"], "completion": s.text,
-                     "reward": final_reward[i].item(), "advantage_mean": (advantages[i] * mask[i]).sum().item() / lengths[i].item()}
+                     "reward": float(rewards[i].sum()), "advantage_mean": float((advantages[i] * mask[i]).sum() / lengths[i])}
                     for i, s in enumerate(samples[: args.log_samples])]
         log.samples(done, examples)
         progress.set_postfix(reward=f"{metrics['reward/mean']:.2f}", acc=f"{metrics['reward/accuracy']:.2f}",

@@ -2,7 +2,8 @@
 
     sampler = HFSampler(model, tokenizer)                    # transformers `generate`, the default
     sampler = VLLMSampler(model_path, tokenizer)             # vLLM, on a GPU
-    samples = sampler.generate(prompts, n=4, max_new_tokens=256, temperature=1.0, top_p=1.0, seed=0)
+    with sampler.serving(policy):                            # the policy's current weights, on every rank
+        samples = sampler.generate(prompts, n=4, max_new_tokens=256, temperature=1.0, top_p=1.0, seed=0)
 
 A prompt is a list of chat messages (rendered with the tokenizer's chat template), a list of token
 ids, or a plain string. Each `Sample` carries its response token ids *cut after the first end token or
@@ -11,17 +12,29 @@ ids (with Qwen, pad can equal EOS). `collate` lays samples out as a training bat
 `response_logprobs` computes per-token log-probs (and entropy) of the responses under a model with
 the temperature applied exactly as the sampler applies it; every trainer uses it for old and new
 log-probs.
+
+On several processes each rank samples its own prompts. `seed` is the run's seed for a call; each rank
+draws from its own stream of it (`rank_seed`). Where generation is a collective (transformers under FSDP2,
+whose every forward all-gathers; a tensor-parallel vLLM engine, which serves the prompts of its whole
+group), the ranks run it in lockstep: every call agrees on how many chunks to run, and `serving` ends
+only when every rank has finished its own calls, so ranks may make different numbers of calls inside it
+(Agent-R's searches do).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from transformers import LogitsProcessor, LogitsProcessorList
+
+from common.distributed import full_weights, is_distributed, is_sharded, rank, unwrapped, world_size
 
 
 @dataclass
@@ -87,12 +100,44 @@ class _ProcessAndRecord(LogitsProcessor):
         return torch.stack(steps, dim=1)[:, : generated.shape[1]]
 
 
-class HFSampler:
-    """Batched sampling with transformers `generate`: left padding, KV cache, chunks of `batch_size`."""
+def rank_seed(seed: int | None, index: int) -> int | None:
+    """The seed of rank (or engine) `index` for a call with the run's `seed`: distinct streams for distinct
+    ranks, and exactly `seed` on a single process."""
+    return None if seed is None else seed + index * 2**48
 
-    def __init__(self, model, tokenizer, batch_size: int = 256, synced_gpus: bool = False):
-        self.model, self.tokenizer, self.batch_size, self.synced_gpus = model, tokenizer, batch_size, synced_gpus
-        self.end_ids = end_token_ids(tokenizer, getattr(model, "generation_config", None))
+
+class HFSampler:
+    """Batched sampling with transformers `generate`: left padding, KV cache, chunks of `batch_size`.
+
+    It samples from the module it is given, the one being trained, so its weights are always current. Under
+    FSDP2 that module's forward is a collective, so generation runs in lockstep (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 256):
+        self.model, self.tokenizer, self.batch_size = unwrapped(model), tokenizer, batch_size
+        self.end_ids = end_token_ids(tokenizer, getattr(self.model, "generation_config", None))
+        self.lockstep = is_distributed() and is_sharded(self.model)
+
+    @contextmanager
+    def serving(self, model):
+        """Generation from `model`, the policy being trained (the module this sampler samples from: nothing
+        to push). Ends when every rank has made all its calls."""
+        if unwrapped(model) is not self.model:
+            raise ValueError("HFSampler.serving: this sampler samples from another module than the policy given")
+        yield self
+        if self.lockstep:
+            while (chunks := self._agree(None)) is not None:
+                for _ in range(chunks):
+                    self._idle_chunk()
+
+    def _agree(self, chunks: int | None) -> int | None:
+        """Lockstep: this rank's chunk count (None: it has no call left); returns the largest count of any
+        rank, or None when no rank has a call left."""
+        mine = torch.tensor([0 if chunks is None else 1, chunks or 0], device=self._device())
+        dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+        return int(mine[1]) if mine[0] else None
+
+    def _device(self):
+        return next(self.model.parameters()).device
 
     @torch.no_grad()
     def generate(
@@ -109,18 +154,28 @@ class HFSampler:
         """`n` samples per prompt, prompt-major. temperature 0 means greedy decoding."""
         prompt_ids = [encode_prompt(self.tokenizer, p, tools) for p in prompts]
         jobs = [(i, ids) for i, ids in enumerate(prompt_ids) for _ in range(n)]
-        device = next(self.model.parameters()).device
+        chunks = [jobs[start : start + self.batch_size] for start in range(0, len(jobs), self.batch_size)]
+        rounds = self._agree(len(chunks)) if self.lockstep else len(chunks)
+        device = self._device()
         was_training = self.model.training
         self.model.eval()
         samples: list[Sample] = []
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if seed is not None:
-                torch.manual_seed(seed)
-            for start in range(0, len(jobs), self.batch_size):
-                samples += self._generate_chunk(jobs[start : start + self.batch_size], device, max_new_tokens,
-                                                temperature, top_p, list(stop))
+                torch.manual_seed(rank_seed(seed, rank()))
+            for chunk in chunks:
+                samples += self._generate_chunk(chunk, device, max_new_tokens, temperature, top_p, list(stop))
+            for _ in range(rounds - len(chunks)):
+                self._idle_chunk()
         self.model.train(was_training)
         return samples
+
+    def _idle_chunk(self) -> None:
+        """Lockstep: a one-token generation that keeps running forward passes while other ranks generate."""
+        was_training = self.model.training
+        self.model.eval()
+        self._generate_chunk([(0, [self.tokenizer.pad_token_id])], self._device(), 1, 0.0, 1.0, [])
+        self.model.train(was_training)
 
     def _generate_chunk(self, jobs, device, max_new_tokens, temperature, top_p, stop) -> list[Sample]:
         width = max(len(ids) for _, ids in jobs)
@@ -143,7 +198,7 @@ class HFSampler:
             logits_processor=LogitsProcessorList([recorder]),
             stop_strings=stop or None,
             tokenizer=self.tokenizer if stop else None,
-            synced_gpus=self.synced_gpus,
+            synced_gpus=self.lockstep,
         )
         generated = output[:, width:]
         logprobs = recorder.logprobs(generated).tolist()
@@ -180,50 +235,113 @@ def cut_response(tokens: list[int], end_ids: Sequence[int], stop: Sequence[str],
 
 
 class VLLMSampler:
-    """Sampling with vLLM; `load_weights` pushes the trainer's current weights into the engine (no
-    checkpoint written), so every rollout comes from the policy being trained.
+    """Sampling with a vLLM engine colocated in the training processes (TRL's colocate mode, verl's hybrid
+    engine); `serving(policy)` pushes the trainer's current weights into it, so every rollout comes from the
+    policy being trained, on every rank.
 
-    The engine runs in this process (so that `load_weights` reaches its model). `engine_kwargs` go to
-    `vllm.LLM`, e.g. `gpu_memory_utilization`, `tensor_parallel_size`, `max_model_len`, `dtype`.
+    On one process the engine runs in-process (with vLLM's own workers for tensor parallelism). On several,
+    each process is one vLLM worker (`distributed_executor_backend="external_launcher"`) and groups of
+    `tensor_parallel_size` consecutive ranks form one engine: the group gathers its ranks' prompts,
+    generates them all, and each rank keeps its own outputs. With `enable_sleep_mode` the engine frees its weights and KV cache while the trainer trains
+    (vLLM's sleep level 2) and takes them back, with the pushed weights, in `serving`. `max_model_len`
+    should be the prompt limit plus the response limit (vLLM's default reserves the model's whole context).
+    `engine_kwargs` go to `vllm.LLM` (e.g. `enforce_eager`).
     """
 
-    def __init__(self, model_name_or_path: str, tokenizer, **engine_kwargs):
+    def __init__(self, model_name_or_path: str, tokenizer, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.4, max_model_len: int | None = None,
+                 enable_sleep_mode: bool = False, dtype: str = "bfloat16", **engine_kwargs):
         require_vllm()
-        import os
-
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        self.group = None
+        if is_distributed():
+            if world_size() % tensor_parallel_size:
+                raise ValueError(f"--tensor-parallel-size {tensor_parallel_size} must divide the number of processes "
+                                 f"({world_size()}): each engine is a group of that many consecutive ranks")
+            engine_kwargs["distributed_executor_backend"] = "external_launcher"
+            if tensor_parallel_size > 1:
+                self.group, _ = dist.new_subgroups_by_enumeration(
+                    [list(range(first, first + tensor_parallel_size))
+                     for first in range(0, world_size(), tensor_parallel_size)])
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process, so that the weight push reaches it
         from vllm import LLM
 
         self.tokenizer = tokenizer
         self.end_ids = end_token_ids(tokenizer)
-        engine_kwargs = {"gpu_memory_utilization": 0.4, "dtype": "bfloat16", **engine_kwargs}
-        # prompts go in as ids and come out as ids: vLLM never needs to load the tokenizer itself
-        self.llm = LLM(model=model_name_or_path, skip_tokenizer_init=True, **engine_kwargs)
+        self.dtype = getattr(torch, dtype)
+        self.sleeps = enable_sleep_mode
+        # prompts go in as ids and come out as ids: vLLM never needs to load the tokenizer itself; the engine's
+        # own seed must be the same on every rank of a tensor-parallel group
+        self.llm = LLM(model=model_name_or_path, skip_tokenizer_init=True, tensor_parallel_size=tensor_parallel_size,
+                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                       enable_sleep_mode=enable_sleep_mode, dtype=dtype, seed=rank() // tensor_parallel_size,
+                       **engine_kwargs)
+        if self.sleeps:
+            self.llm.sleep(level=2)
 
     def load_weights(self, named_tensors) -> None:
-        """Copy (name, tensor) pairs, e.g. `model.state_dict().items()`, into the running engine."""
+        """Copy (name, tensor) pairs, e.g. one layer of `model.state_dict().items()`, into the running engine;
+        parameters not given keep their values."""
         weights = [(name, tensor.detach()) for name, tensor in named_tensors]
         # vLLM's in-place reload re-runs its checkpoint loading (fused QKV, repacked kernels) on these
         # tensors; loading straight into the model's parameters fails once they were repacked.
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached prompt states were computed with the old weights
 
-    def generate(self, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, seed=None, stop=(), tools=None):
+    @contextmanager
+    def serving(self, model):
+        """Generation from `model`'s current weights: wake the engine, push the weights a decoder layer at a
+        time (under FSDP2 every rank gathers them: `common.distributed.full_weights`), generate inside the
+        block, then sleep again once every rank of the group has made its calls."""
+        if self.sleeps:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # give the training's freed activations back before vLLM takes memory
+            self.llm.wake_up(tags=["weights"])
+        for layer in full_weights(model, self.dtype):
+            self.load_weights(layer)
+        if self.sleeps:
+            self.llm.wake_up(tags=["kv_cache"])
+        yield self
+        if self.group is not None:
+            while self._run(None) is not None:
+                pass
+        if self.sleeps:
+            self.llm.sleep(level=2)
+
+    def _run(self, requests: list[tuple[list[int], dict]] | None):
+        """Generate (prompt ids, sampling settings) requests; None: this rank has no call left. In a
+        tensor-parallel group every rank must submit the same requests, so the group's requests are gathered
+        and each rank keeps the outputs of its own. Returns None once no rank of the group has a call left."""
         from vllm import SamplingParams, TokensPrompt
 
+        everything, first = requests or [], 0
+        if self.group is not None:
+            parts = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(parts, requests, group=self.group)
+            if all(part is None for part in parts):
+                return None
+            first = sum(len(part or []) for part in parts[: dist.get_rank(self.group)])
+            everything = [request for part in parts for request in part or []]
+        if not everything:
+            return []
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids, _ in everything],
+                                    [SamplingParams(**settings) for _, settings in everything], use_tqdm=False)
+        return outputs[first : first + len(requests or [])]
+
+    def generate(self, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, seed=None, stop=(), tools=None):
         prompt_ids = [encode_prompt(self.tokenizer, p, tools) for p in prompts]
-        params = SamplingParams(
+        settings = dict(
             n=n,
             temperature=temperature,
             top_p=top_p if temperature > 0 else 1.0,
             top_k=0 if temperature > 0 else 1,  # no top-k: the same distribution as the HF sampler
             max_tokens=max_new_tokens,
-            seed=seed,
+            seed=rank_seed(seed, rank()),
             stop_token_ids=self.end_ids,
             logprobs=0,  # the sampled token's log-prob
             detokenize=False,
         )
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+        outputs = self._run([(ids, settings) for ids in prompt_ids])
         samples = []
         for index, (ids, output) in enumerate(zip(prompt_ids, outputs)):
             for completion in output.outputs:
@@ -317,19 +435,95 @@ def collate(samples: Sequence[Sample], pad_id: int) -> RolloutBatch:
                         torch.tensor([len(s.prompt_ids) for s in samples]))
 
 
+def micro_batches(lengths: list[int], rows: list[int], token_budget: int, pass_cost: int = 256) -> list[list[int]]:
+    """Split `rows` into micro-batches whose padded size (rows × longest) fits `token_budget`, with as
+    little padding as possible.
+
+    Sorted by length, the best micro-batches are runs of neighbours, and a run's padded size is its row
+    count times its last row's length; dynamic programming picks the runs that minimise the padded
+    tokens plus `pass_cost` tokens per forward pass (a pass has a fixed cost, so one row per pass, which
+    has no padding at all, is not the cheapest). A row longer than the budget gets a pass of its own.
+    """
+    ordered = sorted(rows, key=lambda r: lengths[r])
+    n = len(ordered)
+    cost, start_of = [0.0] + [math.inf] * n, [0] * (n + 1)  # best cost of the first j rows; where its last run starts
+    for j in range(1, n + 1):
+        longest = lengths[ordered[j - 1]]
+        for i in range(j - 1, -1, -1):
+            padded = (j - i) * longest
+            if padded > token_budget and j - i > 1:
+                break
+            if cost[i] + padded + pass_cost < cost[j]:
+                cost[j], start_of[j] = cost[i] + padded + pass_cost, i
+    groups, j = [], n
+    while j:
+        groups.append(ordered[start_of[j] : j])
+        j = start_of[j]
+    return groups[::-1]
+
+
+# Response positions whose log-probs are computed at once: a float32 copy of this many rows of logits
+# (x the vocabulary) is the largest temporary; 1,024 x Qwen2.5's 152,064 tokens is 0.6 GB.
+LOGPROB_CHUNK = 1024
+
+
 def response_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False):
     """Log-prob of each response token (B, T) under `model`, and the entropy of each token's
-    distribution (B, T) if asked, with logits divided by `temperature` as the sampler divides them.
+    distribution (B, T) if asked (without gradient: it is only logged), with logits divided by
+    `temperature` as the sampler divides them. Padding positions hold 0.
 
-    Computed as logit - logsumexp(logits) so that no (B, T, V) log-softmax copy is kept.
+    The model's logits (in its own dtype) and, in backward, their gradient are the only full-vocabulary
+    tensors: `_ChunkedLogprobs` reads the logits `LOGPROB_CHUNK` response positions at a time in float32,
+    and its backward writes each chunk's gradient into the one gradient buffer, so memory does not grow
+    with a float32 (tokens x vocabulary) copy.
     """
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    logits = batch.response_states(logits).float() / temperature  # (B, T, V): logits at t-1 predict token t
-    tokens = batch.response_tokens()
-    log_normalizer = torch.logsumexp(logits, dim=-1)
-    logprobs = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - log_normalizer
+    rows, columns = batch.response_mask.bool().nonzero(as_tuple=True)
+    positions = batch.prompt_lengths[rows] - 1 + columns  # the logits at t - 1 predict response token t
+    tokens = batch.input_ids[rows, positions + 1]
+    logprobs, entropy = _ChunkedLogprobs.apply(logits, rows, positions, tokens, temperature, with_entropy)
+    shape = batch.response_mask.shape
+    logprobs = torch.zeros(shape, dtype=logprobs.dtype, device=logits.device).index_put((rows, columns), logprobs)
     if not with_entropy:
         return logprobs
-    probs = F.softmax(logits, dim=-1)
-    entropy = log_normalizer - (probs * logits).sum(-1)
-    return logprobs, entropy
+    return logprobs, torch.zeros(shape, dtype=entropy.dtype, device=logits.device).index_put((rows, columns), entropy)
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """log softmax(logits[r, p] / T)[token] at the given (row, position, token) entries, and the entropy
+    there, `LOGPROB_CHUNK` entries at a time. d log p / d z = (onehot(token) - softmax(z)) / T.
+    In place where it can be: a chunk's largest moment is two float32 (chunk x vocabulary) copies."""
+
+    @staticmethod
+    def forward(ctx, logits, rows, positions, tokens, temperature, with_entropy):
+        logprobs = torch.empty(len(rows), dtype=torch.float32, device=logits.device)
+        entropy = torch.empty(len(rows) if with_entropy else 0, dtype=torch.float32, device=logits.device)
+        for chunk in _chunks(len(rows)):
+            z = logits[rows[chunk], positions[chunk]].float().div_(temperature)  # (n, V)
+            log_normalizer = torch.logsumexp(z, dim=-1)
+            logprobs[chunk] = z.gather(-1, tokens[chunk].unsqueeze(-1)).squeeze(-1) - log_normalizer
+            if with_entropy:
+                probs = (z - log_normalizer.unsqueeze(-1)).exp_()
+                entropy[chunk] = log_normalizer - probs.mul_(z).sum(-1)
+                del probs
+            del z  # before the next chunk's copy is made
+        ctx.save_for_backward(logits, rows, positions, tokens)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        logits, rows, positions, tokens = ctx.saved_tensors
+        grad = torch.zeros_like(logits)
+        for chunk in _chunks(len(rows)):
+            upstream = grad_logprobs[chunk].unsqueeze(-1)
+            g = logits[rows[chunk], positions[chunk]].float().div_(ctx.temperature).softmax(-1)
+            g.mul_(-upstream).scatter_add_(-1, tokens[chunk].unsqueeze(-1), upstream).div_(ctx.temperature)
+            grad[rows[chunk], positions[chunk]] = g.to(grad.dtype)
+            del g  # before the next chunk's copy is made
+        return grad, None, None, None, None, None
+
+
+def _chunks(n: int) -> list[slice]:
+    return [slice(start, min(n, start + LOGPROB_CHUNK)) for start in range(0, n, LOGPROB_CHUNK)]

@@ -97,6 +97,8 @@ def sft_train(
     callback: Callable[[int, float], bool] | None = None,
     progress: bool = True,
     micro_batch_size: int | None = None,
+    accelerator=None,
+    optimizer=None,
 ) -> list[float]:
     """Train `model` on `examples` (dicts with `input_ids` and `labels`) for `steps` optimizer steps; returns
     the per-step losses, each the token mean over its batch.
@@ -104,12 +106,25 @@ def sft_train(
     Batches are sampled with replacement from a seeded generator. With `micro_batch_size`, a batch is sorted by
     length and run `micro_batch_size` examples per forward/backward, each weighted by its share of the batch's
     labelled tokens: the same loss and gradient as the whole batch at once, with the padding of a few similar
-    lengths instead of the longest of the batch, and memory bounded by the micro-batch.
+    lengths instead of the longest of the batch, and memory bounded by the micro-batch. AdamW (β2 0.98), linear
+    warmup then constant.
+    With `accelerator` (several processes), `model` and `optimizer` are the ones it prepared: the optimizer
+    starts afresh (its moments are cleared and its learning rate set here, as a new AdamW would), every process
+    draws the same batch and trains on its share of it, and the weights are the micro-batches' shares of the
+    whole batch's labelled tokens, so the gradient is the batch's whatever the number of processes.
     `callback(step, loss)` runs after every step; returning True stops training early.
     """
-    device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+    processes, index = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
+    if batch_size % processes:
+        raise ValueError(f"SFT batch size {batch_size} is not a multiple of the number of processes ({processes})")
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+    else:
+        optimizer.state.clear()
+        for group in optimizer.param_groups:
+            group.update(lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+    clip = accelerator.clip_grad_norm_ if accelerator else torch.nn.utils.clip_grad_norm_
     rng = random.Random(seed)
     pad_id = 0
     losses = []
@@ -118,12 +133,15 @@ def sft_train(
         batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
         if micro_batch_size:
             batch.sort(key=lambda e: len(e["input_ids"]))
-        size = micro_batch_size or batch_size
-        micro_batches = [batch[i : i + size] for i in range(0, batch_size, size)]
+        mine = batch[index::processes]
+        size = micro_batch_size or len(mine)
         batch_tokens = max(1, sum(labelled_tokens(e) for e in batch))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup_steps))
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        for micro in micro_batches:
+        for start in range(0, len(mine), size):
+            micro = mine[start : start + size]
             input_ids = pad_right([e["input_ids"] for e in micro], pad_id).to(device)
             labels = pad_right([e["labels"] for e in micro], IGNORE_INDEX).to(device)
             attention_mask = pad_right([[1] * len(e["input_ids"]) for e in micro], 0).to(device)
@@ -132,11 +150,17 @@ def sft_train(
             loss = token_mean_cross_entropy(logits, labels) * share
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"SFT loss is {loss.item()} at step {step}; lower the learning rate ({lr})")
-            loss.backward()
+            if accelerator:
+                accelerator.backward(loss * processes)  # processes' gradients are averaged: undo it
+            else:
+                loss.backward()
             loss_sum += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        clip(model.parameters(), grad_clip)
         optimizer.step()
-        schedule.step()
+        if accelerator:
+            from common.distributed import sum_over_ranks
+
+            loss_sum = sum_over_ranks([loss_sum])[0]
         losses.append(loss_sum)
         if callback is not None and callback(step, loss_sum):
             break

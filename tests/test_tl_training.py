@@ -544,3 +544,60 @@ def test_bad_flags_and_files_stop_with_the_problem_and_the_fix(tmp_path):
 
     with pytest.raises(ValueError, match=r"has no chat template.*tokenizer_config.json"):
         tl.require_chat_template(PreTrainedTokenizerFast(tokenizer_object=char_level_tokenizer()._tokenizer), "my-model")
+
+
+# ---- one PPO step's targets and losses, by hand and through the loop's update on a fixed rollout ----
+
+def test_irm_targets_by_hand():
+    # one 2-token call: log π_old = (-1, -2), log π_sft = (-1.5, -1), β = 0.4, R = 1, V = (0.2, 0.5), γ = 1, λ = 0.95
+    # rewards: -0.4·(0.5, -1) = (-0.2, 0.4), plus R on the last token: (-0.2, 1.4)
+    # δ = (-0.2 + 0.5 - 0.2, 1.4 - 0.5) = (0.1, 0.9); A = (0.1 + 0.95·0.9, 0.9) = (0.955, 0.9); returns A + V
+    rewards, advantages, returns = tl.irm_targets(torch.tensor([1.0]), torch.tensor([[-1.0, -2.0]]),
+                                                  torch.tensor([[-1.5, -1.0]]), torch.tensor([[0.2, 0.5]]),
+                                                  torch.ones(1, 2), kl_coef=0.4, gamma=1.0, lam=0.95)
+    assert rewards.tolist() == [pytest.approx([-0.2, 1.4])]
+    assert advantages.tolist() == [pytest.approx([0.955, 0.9])]
+    assert returns.tolist() == [pytest.approx([1.155, 1.4])]
+
+
+def test_ppo_losses_by_hand():
+    # ratio e^0.1 = 1.105 on token 0 (A = 1: inside the clip), e^-0.5 = 0.607 on token 1 (A = -1: clipped to 0.8)
+    logprobs, old = torch.tensor([[-0.9, -2.5]]), torch.tensor([[-1.0, -2.0]])
+    advantages, mask = torch.tensor([[1.0, -1.0]]), torch.ones(1, 2)
+    values, old_values, returns = torch.tensor([[0.5, 0.0]]), torch.tensor([[0.2, 0.1]]), torch.tensor([[1.0, 1.0]])
+    policy_loss, value_loss, clipped = tl.ppo_losses(logprobs, values, old, old_values, advantages, returns, mask,
+                                                      clip=0.2, value_clip=0.2, total_tokens=2)
+    assert policy_loss.item() == pytest.approx((-math.exp(0.1) + 0.8) / 2)
+    assert clipped.tolist() == [[False, True]]
+    # V clipped to old ± 0.2: token 0 max((0.5-1)², (0.4-1)²) = 0.36, token 1 max(1, (0-1)²) = 1
+    assert value_loss.item() == pytest.approx(0.5 * (0.36 + 1.0) / 2)
+
+
+def test_the_ppo_step_on_a_fixed_rollout_learns_from_the_rollout_policy_and_the_returns(tiny_model_dir, tmp_path):
+    """At the update the policy is still the rollout policy, so every ratio is 1: the policy loss is the
+    token mean of -A and the value loss that of ½(V - R)², with V the critic's values of the rollout and R
+    = A + V. A step that took the ratio against the SFT reference, or regressed the critic on the rewards,
+    would differ."""
+    from accelerate import Accelerator
+
+    from common.sampling import Sample, collate
+
+    args = tl.parse_args(["--model", str(tiny_model_dir), "--dtype", "float32", "--no-gradient-checkpointing",
+                          "--rollout-batch-size", "3", "--ppo-micro-batch-size", "2", "--kl-coef", "0.4"])
+    accelerator = Accelerator()
+    policy, critic, reference, tokenizer, actor_opt, critic_opt = tl.irm_models(args, str(tiny_model_dir), accelerator)
+    with torch.no_grad():  # the policy moves off the SFT reference, as it has after some PPO steps
+        for parameter in policy.parameters():
+            parameter.mul_(1.05)
+    batch = collate([Sample(0, [5, 6, 7], [8, 9, 10], "", "stop"), Sample(0, [5, 9], [12, 13, 14, 15, 16], "", "stop"),
+                     Sample(0, [4], [7], "", "stop")], tokenizer.pad_token_id)
+    sums, scored = tl.irm_step(policy, critic, reference, actor_opt, critic_opt, accelerator, batch,
+                               torch.tensor([1.0, -1.5, 0.5]), args, step=0, total_steps=1, stage_dir=tmp_path)
+    mask, n = batch.response_mask, batch.response_mask.sum()
+    old, ref, values, advantages, returns = (scored[k] for k in ("old_logprobs", "ref_logprobs", "old_values",
+                                                                 "advantages", "returns"))
+    assert ((old - ref).abs() * mask).sum() > 0.1  # the KL reward is in play
+    assert torch.allclose(returns, (advantages + values) * mask)
+    assert sums["pg_loss"] == pytest.approx(float(-(advantages * mask).sum() / n), abs=1e-5)
+    assert sums["value_loss"] == pytest.approx(float(0.5 * ((values - returns) ** 2 * mask).sum() / n), abs=1e-5)
+    assert sums["clipped"] == 0 and sums["approx_kl"] == pytest.approx(0.0, abs=1e-6)

@@ -6,8 +6,11 @@ import statistics
 import pytest
 import torch
 
-from vapo import (aggregate, clipped_policy_loss, explained_variance, gae, leave_one_out_baseline,
-                  length_adaptive_lambda, micro_batches, positive_nll_loss, value_loss, whiten)
+from common.distributed import explained_variance
+from common.sampling import micro_batches
+from vapo import (actor_loss, advantages_and_returns, aggregate, clipped_policy_loss, critic_lambda, gae,
+                  leave_one_out_baseline, length_adaptive_lambda, loss_denominators, minibatch_rows, policy_lambda,
+                  positive_nll_loss, token_rewards, value_loss, whiten)
 
 
 def reference_gae(rewards, values, mask, gamma, lams):
@@ -246,3 +249,178 @@ def test_micro_batches_are_optimal_and_within_budget():
         feasible = [[[ordered[i] for i in run] for run in p] for p in _all_run_partitions(n)]
         feasible = [p for p in feasible if all(len(g) * max(lengths[r] for r in g) <= budget for g in p)]
         assert cost(groups) == min(cost(p) for p in feasible)
+
+
+# ---- the loop's steps as functions: one phase of a 3-token and a 5-token response, every number checked ----
+
+def two_responses():
+    """A: 3 tokens, correct, V = (0.5, 0.6, 0.7); B: 5 tokens, wrong, V = (0.1, ..., 0.5)."""
+    mask = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    values = torch.tensor([[0.5, 0.6, 0.7, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4, 0.5]])
+    correct = torch.tensor([True, False])
+    return mask, values, correct
+
+
+def test_token_rewards_put_the_verdict_on_each_responses_last_token():
+    mask, _, correct = two_responses()
+    rewards = token_rewards(mask, correct, reward_correct=1.0, reward_wrong=-1.0)
+    assert rewards.tolist() == [[0, 0, 1, 0, 0], [0, 0, 0, 0, -1]]
+    with pytest.raises(ValueError, match="no tokens"):
+        token_rewards(torch.zeros(1, 3), torch.tensor([True]), 1.0, -1.0)
+
+
+def test_policy_and_critic_lambdas_of_each_phase():
+    lengths = torch.tensor([3, 5])
+    # (3) length-adaptive, α = 0.5: 1 - 1/(0.5·3) = 1/3 and 1 - 1/(0.5·5) = 0.6; off: the fixed 0.95
+    assert policy_lambda(lengths, True, 0.5, 0.95).tolist() == pytest.approx([1 / 3, 0.6])
+    assert policy_lambda(lengths, False, 0.5, 0.95).tolist() == pytest.approx([0.95, 0.95])
+    lam_policy = torch.tensor([1 / 3, 0.6])
+    assert critic_lambda(True, True, 0.9, lam_policy) == 1.0  # (1) value pretraining: Monte Carlo, whatever λ_critic
+    assert critic_lambda(True, False, 0.9, lam_policy) == 1.0
+    assert critic_lambda(False, True, 0.9, lam_policy) == 0.9  # (2) decoupled
+    assert critic_lambda(False, False, 0.9, lam_policy) is lam_policy  # vanilla: the policy's λ
+
+
+def test_advantages_and_returns_of_one_rl_phase_by_hand():
+    mask, values, correct = two_responses()
+    rewards = token_rewards(mask, correct, 1.0, -1.0)
+    lam_policy = torch.tensor([1 / 3, 0.6])
+    # A: δ = (0.1, 0.1, 0.3); A_2 = 0.3, A_1 = 0.1 + 0.3/3 = 0.2, A_0 = 0.1 + 0.2/3
+    # B: δ = (0.1, 0.1, 0.1, 0.1, -1.5); A_4 = -1.5, A_3 = 0.1 - 0.9 = -0.8, A_2 = 0.1 - 0.48 = -0.38,
+    #    A_1 = 0.1 - 0.228 = -0.128, A_0 = 0.1 - 0.0768 = 0.0232
+    expected_a = [[0.1 + 0.2 / 3, 0.2, 0.3, 0, 0], [0.0232, -0.128, -0.38, -0.8, -1.5]]
+    advantages, returns = advantages_and_returns(rewards, values, mask, 1.0, lam_policy, 1.0, whiten_advantages=False)
+    assert advantages.tolist() == [pytest.approx(row, abs=1e-6) for row in expected_a]
+    # decoupled GAE, λ_critic = 1: every token's target is the outcome
+    assert returns.tolist() == [pytest.approx([1, 1, 1, 0, 0], abs=1e-6), pytest.approx([-1] * 5, abs=1e-6)]
+    # not decoupled: the critic regresses on A + V with the policy's λ
+    _, coupled = advantages_and_returns(rewards, values, mask, 1.0, lam_policy, lam_policy, whiten_advantages=False)
+    expected_r = [[expected_a[0][t] + values[0, t].item() if t < 3 else 0 for t in range(5)],
+                  [expected_a[1][t] + values[1, t].item() for t in range(5)]]
+    assert coupled.tolist() == [pytest.approx(row, abs=1e-6) for row in expected_r]
+    # whitened over the 8 response tokens (mean and population std), 0 on padding
+    flat = expected_a[0][:3] + expected_a[1]
+    mean, std = statistics.fmean(flat), statistics.pstdev(flat)
+    whitened, _ = advantages_and_returns(rewards, values, mask, 1.0, lam_policy, 1.0, whiten_advantages=True)
+    assert whitened[0, :3].tolist() == pytest.approx([(a - mean) / std for a in expected_a[0][:3]], abs=1e-5)
+    assert whitened[1].tolist() == pytest.approx([(a - mean) / std for a in expected_a[1]], abs=1e-5)
+    assert whitened[0, 3:].tolist() == [0, 0]
+
+
+def test_whiten_scales_as_well_as_centres():
+    x, mask = torch.tensor([[2.0, 4.0, 6.0, 8.0]]), torch.ones(1, 4)
+    w = whiten(x, mask)
+    assert w.tolist() == [pytest.approx([(v - 5) / math.sqrt(5) for v in (2, 4, 6, 8)], abs=1e-5)]
+    assert whiten(x, mask, across_ranks=True).tolist() == w.tolist()  # one process: the same
+
+
+def test_loss_denominators_count_the_minibatch():
+    mask, _, correct = two_responses()
+    assert loss_denominators(mask, correct) == [8.0, 2.0, 3.0]  # tokens, samples, tokens of correct samples
+
+
+def test_actor_loss_by_hand():
+    mask, _, correct = two_responses()
+    advantages = torch.tensor([[0.5, -1.0, 2.0, 0, 0], [1.0, 1.0, -0.5, 0.0, 0.25]])
+    old = torch.tensor([[-1.0, -2.0, -3.0, 0, 0], [-1.0, -1.0, -1.0, -1.0, -1.0]])
+    new = old.clone()
+    new[1, 0] = old[1, 0] + math.log(1.5)  # ratio 1.5 > 1.28 with A > 0: clipped high
+    new[1, 2] = old[1, 2] + math.log(0.5)  # ratio 0.5 < 0.8 with A < 0: clipped low
+    # per-token surrogate: -A·r, or -A·clip(r) where that is larger: A: (-0.5, 1, -2); B: (-1.28, -1, 0.4, 0, -0.25)
+    per_token = [[-0.5, 1.0, -2.0], [-1.28, -1.0, 0.4, 0.0, -0.25]]
+    nll = (1 + 2 + 3) / 3  # only A is correct: -Σ log π over its 3 tokens / 3
+    loss, parts = actor_loss(new, old, advantages, mask, correct, [8.0, 2.0, 3.0], 0.2, 0.28, True, 0.1)
+    token_mean = (sum(per_token[0]) + sum(per_token[1])) / 8
+    assert parts["pg_loss"] == pytest.approx(token_mean) and parts["nll_loss"] == pytest.approx(nll)
+    assert loss.item() == pytest.approx(token_mean + 0.1 * nll)
+    assert (parts["clip_high"], parts["clip_low"]) == (1.0, 1.0)
+    _, parts = actor_loss(new, old, advantages, mask, correct, [8.0, 2.0, 3.0], 0.2, 0.28, False, 0.1)
+    assert parts["pg_loss"] == pytest.approx((sum(per_token[0]) / 3 + sum(per_token[1]) / 5) / 2)  # sample mean
+    # the denominators are the mini-batch's: the same rows in a larger mini-batch weigh less
+    _, parts = actor_loss(new, old, advantages, mask, correct, [16.0, 4.0, 6.0], 0.2, 0.28, True, 0.1)
+    assert parts["pg_loss"] == pytest.approx(token_mean / 2) and parts["nll_loss"] == pytest.approx(nll / 2)
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+def test_minibatches_do_not_depend_on_the_number_of_processes(processes):
+    rollout, updates = 32, 4
+    whole = minibatch_rows(0, rollout, updates, seed=7)
+    share = rollout // processes
+    parts = [minibatch_rows(r * share, share, updates, seed=7) for r in range(processes)]
+    for k in range(updates):
+        assert sorted(r * share + i for r in range(processes) for i in parts[r][k]) == sorted(whole[k])
+        assert all(len(part[k]) == rollout // updates // processes for part in parts)  # an equal share each
+
+
+def test_minibatches_take_one_sample_of_every_tile_in_a_shuffled_order():
+    batches = minibatch_rows(0, 12, 3, seed=0)
+    assert sorted(i for b in batches for i in b) == list(range(12))
+    for batch in batches:
+        assert sorted(i // 3 for i in batch) == [0, 1, 2, 3]  # one sample of each run of 3
+    assert minibatch_rows(0, 12, 3, seed=0) == batches and minibatch_rows(0, 12, 3, seed=1) != batches
+    with pytest.raises(ValueError, match="equal shares"):
+        minibatch_rows(0, 10, 3, seed=0)
+
+
+def vapo_args(*flags):
+    import vapo
+
+    return vapo.parse_args(["--model", "unused", "--no-whiten-advantages", "--alpha", "0.5", *flags])
+
+
+VANILLA_A = [[0.46575, 0.385, 0.3, 0, 0], [-0.850771875, -1.0008125, -1.15875, -1.325, -1.5]]  # λ = 0.95 by hand
+
+
+@pytest.mark.parametrize("flags, value_pretraining, advantages, returns", [
+    # VAPO in RL: λ_policy 1/3 and 0.6 (length-adaptive), λ_critic 1 (decoupled): Monte-Carlo targets
+    ((), False, [[0.1 + 0.2 / 3, 0.2, 0.3, 0, 0], [0.0232, -0.128, -0.38, -0.8, -1.5]],
+     [[1, 1, 1, 0, 0], [-1] * 5]),
+    # value pretraining: Monte-Carlo targets even without decoupled GAE
+    (("--no-decoupled-gae",), True, [[0.1 + 0.2 / 3, 0.2, 0.3, 0, 0], [0.0232, -0.128, -0.38, -0.8, -1.5]],
+     [[1, 1, 1, 0, 0], [-1] * 5]),
+    # vanilla PPO: λ 0.95 for both, the critic regresses on A + V
+    (("--preset", "vanilla-ppo", "--no-whiten-advantages"), False, VANILLA_A,
+     [[0.96575, 0.985, 1.0, 0, 0], [-0.750771875, -0.8008125, -0.85875, -0.925, -1.0]]),
+    # decoupled but not length-adaptive: the advantages of λ 0.95, the targets of λ 1
+    (("--no-length-adaptive-gae",), False, VANILLA_A, [[1, 1, 1, 0, 0], [-1] * 5]),
+])
+def test_phase_targets_of_a_3_and_a_5_token_response(flags, value_pretraining, advantages, returns):
+    import vapo
+
+    mask, values, correct = two_responses()
+    rewards, lam_policy, got_advantages, got_returns = vapo.phase_targets(mask, correct, values, value_pretraining,
+                                                                           vapo_args(*flags))
+    assert rewards.tolist() == [[0, 0, 1, 0, 0], [0, 0, 0, 0, -1]]
+    assert got_advantages.tolist() == [pytest.approx(row, abs=1e-5) for row in advantages]
+    assert got_returns.tolist() == [pytest.approx(row, abs=1e-5) for row in returns]
+
+
+def test_the_update_on_a_fixed_rollout_has_the_minibatch_losses_whatever_its_micro_batches(tiny_model_dir, tmp_path):
+    """One mini-batch, cut into several micro-batches: at the update the policy is still the rollout policy
+    (every ratio 1), so the summed losses are the mini-batch's own: the token mean of -A, the mean of
+    -log π over the correct samples' tokens, and the token mean of ½(V - R)²."""
+    from accelerate import Accelerator
+
+    import vapo
+    from common.sampling import Sample, collate
+
+    args = vapo.parse_args(["--model", str(tiny_model_dir), "--dtype", "float32", "--no-gradient-checkpointing",
+                            "--prompts-per-step", "2", "--samples-per-prompt", "2", "--mini-batch-size", "4",
+                            "--micro-batch-tokens", "12"])
+    accelerator = Accelerator(step_scheduler_with_optimizer=False)
+    policy, critic, tokenizer, (actor_opt, critic_opt), _ = vapo.prepared_models(args, args.model, accelerator)
+    batch = collate([Sample(0, [5, 6], [8, 9, 10], "", "stop"), Sample(0, [5, 6], [12, 13, 14, 15, 16], "", "stop"),
+                     Sample(1, [4], [7], "", "stop"), Sample(1, [4], [9, 9, 9, 9], "", "stop")], tokenizer.pad_token_id)
+    correct, mask = torch.tensor([True, False, True, False]), batch.response_mask
+    old_logprobs, old_values = vapo.score_rollout(policy, critic, batch, args.micro_batch_tokens, args.temperature)
+    _, _, advantages, returns = vapo.phase_targets(mask, correct, old_values, False, args)
+    rollout = vapo.Rollout(batch, correct, old_logprobs, old_values, advantages, returns, first_sample=0)
+    sums = vapo.ppo_update(policy, critic, actor_opt, critic_opt, accelerator, rollout, args, step=0,
+                           train_actor=True, run_dir=tmp_path)
+    n, positive = mask.sum(), mask * correct.unsqueeze(-1)
+    assert sums["updates"] == 1
+    assert len(micro_batches(batch.attention_mask.sum(-1).tolist(), [0, 1, 2, 3], 12)) >= 3  # it ran several
+    assert sums["pg_loss"] == pytest.approx(float(-(advantages * mask).sum() / n), abs=1e-5)
+    assert sums["nll_loss"] == pytest.approx(float(-(old_logprobs * positive).sum() / positive.sum()), abs=1e-5)
+    assert sums["value_loss"] == pytest.approx(float(0.5 * ((old_values - returns) ** 2 * mask).sum() / n), abs=1e-5)
+    assert sums["clip_high"] == sums["clip_low"] == 0

@@ -9,6 +9,7 @@ vllm = pytest.importorskip("vllm")
 
 from common.models import load_policy  # noqa: E402
 from common.sampling import VLLMSampler, collate, response_logprobs  # noqa: E402
+from tests.multiprocess.harness import launch  # noqa: E402
 
 PROMPTS = [[{"role": "user", "content": "Compute 12+7."}], [{"role": "user", "content": "Hello there, how are you?"}]]
 
@@ -17,7 +18,7 @@ PROMPTS = [[{"role": "user", "content": "Compute 12+7."}], [{"role": "user", "co
 def engine(tiny_model_dir):
     model, tokenizer = load_policy(str(tiny_model_dir))
     sampler = VLLMSampler(str(tiny_model_dir), tokenizer, dtype="float32", gpu_memory_utilization=0.2,
-                          enforce_eager=True, seed=0)
+                          enforce_eager=True)
     return model, tokenizer, sampler
 
 
@@ -44,3 +45,15 @@ def test_loaded_weights_are_the_weights_vllm_samples_from(engine):
     sampler.load_weights(model.state_dict().items())
     fresh = sampler.generate(PROMPTS, n=2, max_new_tokens=12, seed=1)
     assert max_logprob_gap(model, tokenizer, fresh) < 1e-3
+
+
+def test_pushed_weights_reach_both_ranks_of_a_tensor_parallel_engine(tiny_model_dir, tmp_path):
+    """Two processes, one engine: vLLM's `external_launcher` with tensor parallel size 2 (each process one
+    vLLM worker holding half of every layer). Each rank gets the outputs of its own prompts, sampled with the
+    weights `serving` pushed."""
+    ranks = launch("vllm-tensor-parallel", tmp_path / "out", [str(tiny_model_dir)], processes=2)
+    for r, rank in enumerate(ranks):
+        assert rank["prompt_indices"] == [k for k in range(r + 1) for _ in range(2)]
+        assert rank["loaded_gap"] < 1e-3
+        assert rank["stale_gap"] > 1e-2  # the trainer changed its weights; the engine still has the old ones
+        assert rank["fresh_gap"] < 1e-3  # after the push, the engine samples from the trainer's weights

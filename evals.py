@@ -778,9 +778,9 @@ def load_sampler(model: str, backend: str, dtype: str, batch_size: int, tensor_p
         return load_vision_sampler(model, backend, dtype, batch_size, **(engine if backend == "vllm" else {}))
     if backend == "vllm":
         tokenizer = load_tokenizer(model)
-        engine = {"max_model_len": max_model_len} if max_model_len else {}
+        # each generation's seed is the call's (`generate(seed=...)`); the engine's own seed is fixed
         sampler = VLLMSampler(model, tokenizer, gpu_memory_utilization=gpu_memory_utilization,
-                              tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed, **engine)
+                              tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, dtype=dtype)
         return sampler, tokenizer
     import torch
 

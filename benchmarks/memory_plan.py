@@ -11,11 +11,13 @@ MODEL_OR_CONFIG is a shape name (qwen2.5-0.5b, -1.5b, -7b, -32b: the sizes in th
 Qwen2 config.json / model directory; nothing is downloaded. The critic is the same backbone with a value
 head (`common.models.load_value_model`). Every term below is a small function of the shape that says what
 it counts. The run modelled: accelerate FSDP2 full sharding with bf16 mixed precision (configs/fsdp.yaml),
-gradient checkpointing per decoder layer, micro-batches cut by a token budget, log-probs computed in fp32
-chunks of 4,096 positions under activation checkpointing, and vLLM colocated in the training processes
-(tensor-parallel groups of the training ranks, sleep mode level 2 while training; the training states stay
-on the GPU while it generates). The per-GPU peak is the larger of the training phase and the generation
-phase; a GPU's usable memory is 0.9 of it (CUDA context, NCCL and allocator fragmentation take the rest).
+gradient checkpointing per decoder layer, micro-batches cut by a token budget, log-probs by the project's
+`common.sampling.response_logprobs` (the model's logits and one gradient buffer of their size, both over
+every position of the micro-batch, read in fp32 chunks of `LOGPROB_CHUNK` response positions), and vLLM
+colocated in the training processes (tensor-parallel groups of the training ranks, sleep mode level 2
+while training; the training states stay on the GPU while it generates). The per-GPU peak is the larger
+of the training phase and the generation phase; a GPU's usable memory is 0.9 of it (CUDA context, NCCL
+and allocator fragmentation take the rest).
 
 `--check-on-cpu` runs one training micro-batch (policy forward and backward with gradient checkpointing,
 chunked log-probs, AdamW step) at two small shapes with Qwen2.5's vocabulary and one with a small
@@ -37,6 +39,10 @@ from typing import Literal
 import tyro
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common.sampling import LOGPROB_CHUNK  # noqa: E402
+
 GiB = 2**30
 
 
@@ -191,26 +197,35 @@ def layer_recompute(s: Shape, tokens: int, b: int) -> float:
 
 
 def logits_and_gradient(s: Shape, tokens: int, b: int) -> float:
-    """The policy's logits (tokens x vocab, in the compute dtype, as the model returns them), kept for the
-    chunks' backward, and the gradient of the logits that the chunks' backward builds for the head."""
+    """The two full-vocabulary tensors of `response_logprobs`, each tokens x vocab in the compute dtype and
+    over every position of the pass (prompts and padding included, not only the response positions): the
+    policy's logits, which `_ChunkedLogprobs` saves as they are (no copy) for its backward, and the one
+    gradient buffer its backward allocates, `torch.zeros_like(logits)`, into which each chunk's gradient is
+    written (no concatenation of chunk gradients)."""
     return 2 * tokens * s.vocab_size * b
 
 
-def logprob_chunk(s: Shape, tokens: int, b: int, chunk: int = 4096) -> float:
-    """One chunk's fp32 working set (chunk positions x vocab x 4 B each) in its backward, where the chunk
-    is recomputed (activation checkpointing per chunk): the fp32 upcast (none in float32), exp(x - logsumexp)
-    and its product with the incoming gradient (logsumexp's backward), the gather's scattered gradient,
-    and, in bf16, the cast of the chunk's gradient back to bf16 (half a copy): 4.5 copies in bf16, 3 in
-    float32. The forward's working set (upcast, softmax and product for the entropy) is smaller."""
-    copies = (1 + 2 + 1 + 0.5) if b < 4 else (2 + 1)
+def logprob_chunk(s: Shape, tokens: int, b: int, chunk: int = LOGPROB_CHUNK) -> float:
+    """The chunks' largest moment beside the logits and their gradient buffer, in fp32 copies of a chunk
+    (chunk response positions x vocab x 4 B), counted op by op in `_ChunkedLogprobs` (`tokens` bounds the
+    response positions). Backward, per chunk: `logits[rows, positions]` gathers a copy in the logits' dtype
+    (half a copy in bf16, freed once upcast; in float32 it is the fp32 copy itself), `.float().div_(T)`
+    upcasts it (1), `.softmax(-1)` writes its output (1) while the upcast lives, and the previous chunk's
+    `g` is still bound while the next one's is formed (1): 3 copies. The in-place mul_, scatter_add_ and
+    div_ add none, and `g.to(bf16)` for the buffer is half a copy beside `g` alone. With one chunk there is
+    no previous `g`: 2. In bf16 and float32 alike. The forward holds at most the previous chunk's z and
+    probs beside the next one's gather and upcast (3.5 copies in bf16, 3 in float32) but no gradient buffer
+    yet, and with two chunks or more that buffer is over half a copy: the backward is the peak."""
+    copies = 3 if tokens > chunk else 2
     return copies * min(chunk, tokens) * s.vocab_size * 4
 
 
-def activation_peak(s: Shape, tokens: int, b: int, chunk: int = 4096) -> dict:
+def activation_peak(s: Shape, tokens: int, b: int, chunk: int = LOGPROB_CHUNK) -> dict:
     """The policy's activations at their peak, term by term. The policy's and the critic's forward/backward
     never overlap, and the critic (a 1-output head) has the policy's checkpoints and recompute without the
-    logits, so the policy's peak is the run's. Within it, the log-prob backward (logits, their gradient, a
-    chunk) comes first and the layer recomputes after it, once the logits are freed: the larger counts."""
+    logits, so the policy's peak is the run's. Within it, the log-prob backward (logits, their gradient
+    buffer, the chunks' copies) comes first and the layer recomputes after it, once the logits and the
+    buffer are freed (the lm_head's backward consumes the buffer): the larger counts."""
     logprob = logits_and_gradient(s, tokens, b) + logprob_chunk(s, tokens, b, chunk)
     recompute = layer_recompute(s, tokens, b)
     return {"checkpointed_inputs": checkpointed_inputs(s, tokens, b),
@@ -360,7 +375,7 @@ LABELS = {
     "fsdp_gathered": "FSDP all-gathered units and their grads",
     "checkpointed_inputs": "checkpointed layer inputs, final norm",
     "logits_and_gradient": "logits and their gradient",
-    "logprob_chunk": "log-prob chunk, fp32, in backward",
+    "logprob_chunk": "log-prob chunks' fp32 copies, in backward",
     "layer_recompute": "one layer's recompute in backward",
     "rollout_tensors": "rollout tensors (this GPU's rows)",
     "vllm_weights": "vLLM weights / TP",

@@ -14,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import memory_plan as mp  # noqa: E402
 
+import common.sampling as sampling  # noqa: E402
+
 GiB = 2**30
 
 # A made-up shape small enough to count by hand: hidden 8 (2 heads of 4), 1 key-value head, MLP 16,
@@ -58,19 +60,43 @@ def test_training_terms_of_a_tiny_shape_by_hand():
     # hidden-sized: 2 norms x 4 + attention 5 + gradients 2 = 15; intermediate-sized 6
     assert mp.layer_recompute(TINY, 10, 2) == 10 * (15 * 8 + 6 * 16) * 2 == 4320
     assert mp.layer_recompute(TINY, 10, 4) == 10 * (13 * 8 + 6 * 16) * 4 == 8000  # fp32 norms: 3 units each
+    # the logits and the one gradient buffer, both over all 10 positions (prompt included), bf16
     assert mp.logits_and_gradient(TINY, 10, 2) == 2 * 10 * 32 * 2 == 1280
-    assert mp.logprob_chunk(TINY, 10, 2, chunk=4) == 4.5 * 4 * 32 * 4 == 2304  # 4.5 fp32 copies of a chunk
-    assert mp.logprob_chunk(TINY, 10, 4, chunk=4) == 3 * 4 * 32 * 4 == 1536  # no upcast, no cast back
-    assert mp.logprob_chunk(TINY, 10, 2) == 4.5 * 10 * 32 * 4 == 5760  # a chunk never exceeds the tokens
+    # chunks of 4 of the 10 positions: softmax's input and output (2 fp32 copies of 4 x 32) beside the previous
+    # chunk's gradient, still bound while the next is formed (1): 3 copies, in bf16 as in float32
+    assert mp.logprob_chunk(TINY, 10, 2, chunk=4) == 3 * 4 * 32 * 4 == 1536
+    assert mp.logprob_chunk(TINY, 10, 4, chunk=4) == 3 * 4 * 32 * 4 == 1536
+    # one chunk (1,024 positions hold all 10): no previous chunk, 2 copies of 10 x 32 in fp32
+    assert mp.logprob_chunk(TINY, 10, 2) == 2 * 10 * 32 * 4 == 2560
     assert mp.rollout_tensors(rows=3, length=100) == 36 * 300 == 10800
-    # the log-prob backward (1280 + 2304) is smaller than a layer's recompute (4320): that one is the peak
+    # at 10 tokens the log-prob backward (1280 + 1536 in chunks of 4, 1280 + 2560 in one of 1,024) is smaller
+    # than a layer's recompute (4320): that one is the peak, and the logits, their gradient and the chunks
+    # are not at it
     act = mp.activation_peak(TINY, 10, 2, chunk=4)
     assert (act["peak"], act["binding"]) == (960 + 4320, "layer_recompute")
-    # with 4,096-position chunks the log-prob backward (1280 + 5760) is the larger
+    assert mp.activation_peak(TINY, 10, 2)["binding"] == "layer_recompute"
     phase = mp.training_phase(TINY, gpus=2, tokens=10, b=2, rows=3, length=100)
+    assert phase["not_at_peak"] == ["logits_and_gradient", "logprob_chunk"]
+    # states, gathered units, checkpoints, a layer's recompute, 2 rows of 100 positions, vLLM asleep
+    assert phase["peak"] == 13888 + 16 * 1489 / 2 + 5728 + 960 + 4320 + 36 * 2 * 100 + 2.5 * GiB
+
+
+def test_the_log_prob_backward_binds_past_one_chunk_of_the_projects_size():
+    assert sampling.LOGPROB_CHUNK == 1024  # the planner's default chunk is the project's
+    tokens = 1100  # two chunks of response positions at most: 1,024 and 76
+    logits_and_grad = 2 * tokens * 32 * 2  # 140,800 B in bf16
+    chunks = 3 * 1024 * 32 * 4  # 3 fp32 copies of a full chunk: 393,216 B
+    recompute = tokens * (15 * 8 + 6 * 16) * 2  # 475,200 B
+    assert mp.logits_and_gradient(TINY, tokens, 2) == logits_and_grad
+    assert mp.logprob_chunk(TINY, tokens, 2) == chunks
+    assert mp.layer_recompute(TINY, tokens, 2) == recompute
+    act = mp.activation_peak(TINY, tokens, 2)
+    checkpoints = (2 + 4) * tokens * 8 * 2
+    assert (act["peak"], act["binding"]) == (checkpoints + logits_and_grad + chunks, "logprob")
+    phase = mp.training_phase(TINY, gpus=2, tokens=tokens, b=2, rows=3, length=100)
     assert phase["not_at_peak"] == ["layer_recompute"]
-    # states, gathered units, checkpoints, logits + gradient + chunk, 2 rows of 100 positions, vLLM asleep
-    assert phase["peak"] == 13888 + 16 * 1489 / 2 + 5728 + 960 + 1280 + 5760 + 36 * 2 * 100 + 2.5 * GiB
+    assert phase["peak"] == (13888 + 16 * 1489 / 2 + 5728 + checkpoints + logits_and_grad + chunks
+                             + 36 * 2 * 100 + 2.5 * GiB)
 
 
 def test_generation_terms_of_a_tiny_shape_by_hand():

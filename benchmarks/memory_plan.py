@@ -19,10 +19,10 @@ while training; the training states stay on the GPU while it generates). The per
 of the training phase and the generation phase; a GPU's usable memory is 0.9 of it (CUDA context, NCCL
 and allocator fragmentation take the rest).
 
-`--check-on-cpu` runs one training micro-batch (policy forward and backward with gradient checkpointing,
-chunked log-probs, AdamW step) at two small shapes with Qwen2.5's vocabulary and one with a small
-vocabulary, in float32, each in a fresh process, and compares the peak memory with this plan's prediction
-for the same dtype (benchmarks/results/memory_plan_cpu_check.json).
+`--check-on-cpu` runs one training micro-batch (policy forward with gradient checkpointing,
+`response_logprobs` on a collated `RolloutBatch`, backward, AdamW step) at two small shapes with Qwen2.5's
+vocabulary and one with a small vocabulary, in float32, each in a fresh process, and compares the peak
+memory with this plan's prediction for the same dtype (benchmarks/results/memory_plan_cpu_check.json).
 """
 
 from __future__ import annotations
@@ -450,49 +450,51 @@ def main(args: Args) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 # Two small shapes with Qwen2.5's vocabulary, where the logits bind as they do at every Qwen2.5 size, and
-# one with a small vocabulary, where the decoder layers' checkpoints and recompute bind. Chunks of 256
-# positions, so that a micro-batch has several as a paper-scale one has 8 of 4,096; the last row ends in
-# 64 padding positions, as a packed micro-batch's rows do (transformers then passes a padding mask to SDPA).
+# one with a small vocabulary, where the decoder layers' checkpoints and recompute bind. Each row is a
+# 64-token prompt and its response; the last row is 64 tokens shorter, so it ends in padding as a packed
+# micro-batch's rows do (transformers then passes a padding mask to SDPA). The measuring process sets
+# `common.sampling.LOGPROB_CHUNK` to `chunk` (256), so that a micro-batch's response positions span several
+# chunks as a paper-scale one's span many of 1,024; the plan is told the same chunk.
 CPU_CHECK = [
     dict(shape=Shape(256, 1024, 4, 4, 2, 151936, True), rows=2, length=512, chunk=256),
     dict(shape=Shape(512, 2048, 8, 8, 2, 151936, True), rows=4, length=512, chunk=256),
     dict(shape=Shape(1024, 4096, 6, 8, 2, 4096, True), rows=4, length=512, chunk=256),
 ]
+CPU_CHECK_PROMPT, CPU_CHECK_SHORTER = 64, 64
 # glibc keeps freed blocks below its dynamic mmap threshold (up to 32 MiB) in its heap, so the memory of
 # the first step's freed activations stays resident; with every block of 64 KiB or more mmapped, resident
 # memory follows the live tensors, as torch.cuda.max_memory_allocated does on a GPU.
 ALLOCATORS = {"glibc default": {}, "mmap from 64 KiB": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
 
 
-def chunked_logprobs(logits, tokens, chunk: int):
-    """Log-prob of each token, and the entropy of its distribution, (N,) each, from (N, vocab) logits, a
-    chunk of positions at a time: each chunk is upcast to fp32 and recomputed in backward (activation
-    checkpointing per chunk), so one chunk's fp32 copies exist at a time. Entropy is only logged
-    (vapo.py's entropy coefficient is 0), so it carries no gradient."""
+def check_batch(vocab_size: int, rows: int, length: int):
+    """A `RolloutBatch` of `rows` random sequences of `length` tokens, each a `CPU_CHECK_PROMPT`-token
+    prompt and its response, the last row `CPU_CHECK_SHORTER` tokens shorter (padded by `collate`): rows x
+    length positions, as `response_logprobs` gets a micro-batch."""
     import torch
-    from torch.utils.checkpoint import checkpoint
 
-    def one_chunk(logits, tokens):
-        x = logits.float()
-        normalizer = torch.logsumexp(x, dim=-1)
-        logprobs = x.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - normalizer
-        with torch.no_grad():
-            entropy = normalizer - (torch.softmax(x, dim=-1) * x).sum(-1)
-        return logprobs, entropy
+    from common.sampling import Sample, collate
 
-    parts = [checkpoint(one_chunk, x, t, use_reentrant=False) for x, t in zip(logits.split(chunk), tokens.split(chunk))]
-    return torch.cat([lp for lp, _ in parts]), torch.cat([e for _, e in parts])
+    ids = torch.randint(vocab_size, (rows, length)).tolist()
+    lengths = [length] * (rows - 1) + [length - CPU_CHECK_SHORTER]
+    samples = [Sample(row, ids[row][:CPU_CHECK_PROMPT], ids[row][CPU_CHECK_PROMPT:n], "", "length")
+               for row, n in enumerate(lengths)]
+    return collate(samples, pad_id=0)
 
 
 def measure_step(s: Shape, rows: int, length: int, chunk: int) -> dict:
     """In a fresh process: build the policy from the shape (float32), then run a training micro-batch twice
-    (forward with gradient checkpointing, chunked log-probs, backward, AdamW step); the second, with the
-    gradients and AdamW's moments resident as in every micro-batch after a run's first, is measured.
+    (forward with gradient checkpointing and `common.sampling.response_logprobs` with entropy, as vapo.py's
+    actor update calls it, in chunks of `chunk` response positions; backward; AdamW step); the second, with
+    the gradients and AdamW's moments resident as in every micro-batch after a run's first, is measured.
     Returns the process's resident memory (bytes) before the model, before the measured step and at peak."""
     import psutil
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
+    import common.sampling
+
+    common.sampling.LOGPROB_CHUNK = chunk  # read by _ChunkedLogprobs at every call
     process = psutil.Process()
     before_model = process.memory_info().rss
     torch.manual_seed(0)
@@ -500,16 +502,13 @@ def measure_step(s: Shape, rows: int, length: int, chunk: int) -> dict:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    ids = torch.randint(s.vocab_size, (rows, length))
-    attention_mask = torch.ones_like(ids)
-    attention_mask[-1, -64:] = 0
-    targets = torch.roll(ids, -1, dims=1).flatten()
+    batch = check_batch(s.vocab_size, rows, length)
+    assert batch.input_ids.shape == (rows, length)
+    mask = batch.response_mask
 
     def step():
-        logits = model(input_ids=ids, attention_mask=attention_mask).logits.flatten(0, 1)
-        logprobs, _ = chunked_logprobs(logits, targets, chunk)
-        del logits  # from here only the chunks' checkpoints hold the logits, as in response_logprobs
-        (-logprobs.mean()).backward()
+        logprobs, _ = common.sampling.response_logprobs(model, batch, temperature=1.0, with_entropy=True)
+        (-(logprobs * mask).sum() / mask.sum()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as while accumulating a mini-batch
 
@@ -519,7 +518,8 @@ def measure_step(s: Shape, rows: int, length: int, chunk: int) -> dict:
     step()
     return {"params": sum(p.numel() for p in model.parameters()), "before_model": before_model,
             "before_step": before_step, "warm_peak": warm_peak,
-            "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "response_positions": int(mask.sum())}
 
 
 def _measure_in_child(queue, s: Shape, rows: int, length: int, chunk: int) -> None:
@@ -563,7 +563,7 @@ def check_on_cpu() -> dict:
             measured["total"] = sum(measured.values())
             results.append({
                 "shape": asdict(s), "rows": case["rows"], "length": case["length"], "tokens": tokens,
-                "chunk": case["chunk"], "allocator": allocator,
+                "chunk": case["chunk"], "response_positions": m["response_positions"], "allocator": allocator,
                 "params_counted": model_params(s, False), "params_built": m["params"],
                 "predicted_terms_gib": {k: round(act[k] / GiB, 3) for k in
                                         ("checkpointed_inputs", "logits_and_gradient", "logprob_chunk", "layer_recompute")},

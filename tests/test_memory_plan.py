@@ -145,14 +145,11 @@ def test_cli_plans_a_local_config_json(tmp_path, capsys):
         mp.load_shape(str(tmp_path / "missing"))
 
 
-def test_chunked_logprobs_match_a_full_log_softmax_with_gradients():
+def test_the_cpu_check_batch_has_every_position_of_its_rows():
     torch.manual_seed(0)
-    logits = torch.randn(10, 7, requires_grad=True)
-    tokens = torch.randint(7, (10,))
-    logprobs, entropy = mp.chunked_logprobs(logits, tokens, chunk=4)
-    full = torch.log_softmax(logits, dim=-1)
-    torch.testing.assert_close(logprobs, full.gather(-1, tokens[:, None]).squeeze(-1))
-    torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1))
-    (grad,) = torch.autograd.grad(logprobs.sum(), logits)
-    (expected,) = torch.autograd.grad(full.gather(-1, tokens[:, None]).sum(), logits)
-    torch.testing.assert_close(grad, expected)
+    batch = mp.check_batch(vocab_size=50, rows=3, length=200)
+    assert isinstance(batch, sampling.RolloutBatch)
+    assert batch.input_ids.shape == (3, 200)  # rows x length positions for the logits and their gradient
+    assert batch.attention_mask.sum(1).tolist() == [200, 200, 200 - mp.CPU_CHECK_SHORTER]  # the last row padded
+    assert batch.prompt_lengths.tolist() == [mp.CPU_CHECK_PROMPT] * 3
+    assert batch.response_mask.sum(1).tolist() == [136, 136, 72]  # 200 - 64, and 64 fewer in the last row

@@ -318,9 +318,18 @@ def generation_phase(s: Shape, gpus: int, tp: int, utilization: float, gpu_bytes
     return {"terms": terms, "peak": terms["policy_states"] + terms["critic_states"] + engine, "kv_tokens": kv_tokens}
 
 
+def tp_shards_heads(s: Shape, tp: int) -> bool:
+    """Whether vLLM can split the model over `tp` GPUs: the size must divide the attention heads (40 at
+    32B, 28 at 7B, 12 at 1.5B; vLLM's ModelConfig checks it) and divide the key-value heads or be a multiple
+    of their number (they are split, or replicated when TP exceeds them)."""
+    kv = s.num_key_value_heads
+    return s.num_attention_heads % tp == 0 and (kv % tp == 0 if tp <= kv else tp % kv == 0)
+
+
 def tp_choices(s: Shape, gpus: int) -> list[int]:
-    """Tensor-parallel sizes vLLM can use here: within a node (1-8), dividing the GPU count and the heads."""
-    return [tp for tp in (1, 2, 4, 8) if gpus % tp == 0 and s.num_attention_heads % tp == 0]
+    """Tensor-parallel sizes vLLM can use here: within a node (1-8), dividing the GPU count (an engine is a
+    group of consecutive ranks), and splitting the heads (`tp_shards_heads`)."""
+    return [tp for tp in (1, 2, 4, 8) if gpus % tp == 0 and tp_shards_heads(s, tp)]
 
 
 def plan(s: Shape, gpus: int, args: Args) -> dict:
@@ -420,6 +429,11 @@ def main(args: Args) -> dict:
     if args.check_on_cpu:
         return check_on_cpu()
     s = load_shape(args.model)
+    tp = args.tensor_parallel_size
+    if tp and not tp_shards_heads(s, tp):
+        raise SystemExit(f"--tensor-parallel-size {tp} cannot split {s.num_attention_heads} attention heads and "
+                         f"{s.num_key_value_heads} key-value heads; vLLM accepts "
+                         f"{[t for t in (1, 2, 4, 8) if tp_shards_heads(s, t)]} within a node")
     path = Path(args.model).resolve()
     name = args.model if args.model in SHAPES else (path.parent.name if path.name == "config.json" else path.name)
     nodes, any_count = smallest_gpus(s, args, 8), smallest_gpus(s, args, 1)

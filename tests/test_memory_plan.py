@@ -145,6 +145,19 @@ def test_cli_plans_a_local_config_json(tmp_path, capsys):
         mp.load_shape(str(tmp_path / "missing"))
 
 
+def test_tensor_parallel_sizes_split_the_attention_heads():
+    # 40 heads (8 key-value) at 32B, 28 (4) at 7B, 12 (2) at 1.5B: 8 divides only 40
+    assert mp.tp_choices(mp.SHAPES["qwen2.5-32b"], 8) == [1, 2, 4, 8]
+    assert mp.tp_choices(mp.SHAPES["qwen2.5-7b"], 8) == [1, 2, 4]
+    assert mp.tp_choices(mp.SHAPES["qwen2.5-1.5b"], 8) == [1, 2, 4]
+    assert mp.tp_choices(mp.SHAPES["qwen2.5-32b"], 12) == [1, 2, 4]  # and the GPU count
+    # 3 key-value heads can be neither split in 2 nor replicated over 4
+    odd = mp.Shape(96, 256, 2, 12, 3, 64, True)
+    assert [tp for tp in (1, 2, 3, 4, 6, 12) if mp.tp_shards_heads(odd, tp)] == [1, 3, 6, 12]
+    with pytest.raises(SystemExit, match="cannot split 28 attention heads"):
+        mp.main(tyro.cli(mp.Args, args=["qwen2.5-7b", "--gpus", "8", "--tensor-parallel-size", "8"]))
+
+
 def test_the_cpu_check_batch_has_every_position_of_its_rows():
     torch.manual_seed(0)
     batch = mp.check_batch(vocab_size=50, rows=3, length=200)

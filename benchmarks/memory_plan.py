@@ -210,13 +210,12 @@ def logprob_chunk(s: Shape, tokens: int, b: int, chunk: int = LOGPROB_CHUNK) -> 
     (chunk response positions x vocab x 4 B), counted op by op in `_ChunkedLogprobs` (`tokens` bounds the
     response positions). Backward, per chunk: `logits[rows, positions]` gathers a copy in the logits' dtype
     (half a copy in bf16, freed once upcast; in float32 it is the fp32 copy itself), `.float().div_(T)`
-    upcasts it (1), `.softmax(-1)` writes its output (1) while the upcast lives, and the previous chunk's
-    `g` is still bound while the next one's is formed (1): 3 copies. The in-place mul_, scatter_add_ and
-    div_ add none, and `g.to(bf16)` for the buffer is half a copy beside `g` alone. With one chunk there is
-    no previous `g`: 2. In bf16 and float32 alike. The forward holds at most the previous chunk's z and
-    probs beside the next one's gather and upcast (3.5 copies in bf16, 3 in float32) but no gradient buffer
-    yet, and with two chunks or more that buffer is over half a copy: the backward is the peak."""
-    copies = 3 if tokens > chunk else 2
+    upcasts it (1), `.softmax(-1)` writes its output (1) while the upcast lives: 2 copies. The in-place mul_,
+    scatter_add_ and div_ add none, `g.to(bf16)` for the buffer is half a copy beside `g` alone, and each
+    chunk's copies are released (`del`) before the next chunk's are made. In bf16 and float32 alike. The
+    forward holds at most a chunk's z and probs (2 copies, and the gather's half copy in bf16) but no
+    gradient buffer yet, so the backward is the peak."""
+    copies = 2
     return copies * min(chunk, tokens) * s.vocab_size * 4
 
 
@@ -370,8 +369,11 @@ def plan(s: Shape, gpus: int, args: Args) -> dict:
 
 
 def smallest_gpus(s: Shape, args: Args, step: int, limit: int = 4096) -> dict | None:
-    """The plan at the smallest GPU count, a multiple of `step` (8: whole nodes), that fits."""
-    return next((p for gpus in range(step, limit + 1, step) if (p := plan(s, gpus, args))["fits"]), None)
+    """The plan at the smallest GPU count that fits: a multiple of `step` (8: whole nodes) that divides the
+    rollout's prompts, since every process samples an equal share of them (vapo.py refuses other counts;
+    its mini-batch of 512 has the same divisors as the paper's 512 prompts)."""
+    counts = (gpus for gpus in range(step, limit + 1, step) if args.prompts % gpus == 0)
+    return next((p for gpus in counts if (p := plan(s, gpus, args))["fits"]), None)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -68,11 +68,13 @@ class Args:
     seed: int = 1
     backend: Literal["hf", "vllm"] = "hf"
     """rollout sampler: transformers `generate` (anywhere) or vLLM (GPU, `pip install -r requirements-gpu.txt`)."""
-    vllm_gpu_memory_utilization: float = 0.4
-    """share of GPU memory vLLM may take; the rest holds the policy and critic being trained."""
-    tensor_parallel_size: int = 8
+    vllm_gpu_memory_utilization: float = 0.61
+    """share of GPU memory vLLM may take while it generates; the rest holds the policy's and the critic's
+    sharded states. 0.61: what `benchmarks/memory_plan.py qwen2.5-32b` leaves it on 32 x 80 GB GPUs."""
+    tensor_parallel_size: int = 4
     """vLLM engines are groups of this many consecutive processes (tensor parallel); it must divide the
-    number of processes."""
+    number of processes and the model's attention heads. 4: the memory plan's for Qwen2.5-32B (the smallest
+    whose KV cache holds a prompt's 16 samples at full length)."""
     vllm_sleep_mode: bool = True
     """vLLM frees its weights and KV cache while the models train, and takes them back for each rollout
     and evaluation (vLLM's sleep mode, level 2; CUDA only)."""
@@ -99,9 +101,11 @@ class Args:
     """passes over each rollout; not stated; one pass gives VAPO's 16 updates per rollout."""
     mini_batch_size: int = 512
     """samples per optimizer step (VAPO §5.1 item 7: 512), so a rollout of 8192 gives 16 updates."""
-    micro_batch_tokens: int = 32768
+    micro_batch_tokens: int = 16384
     """token budget of one forward/backward; memory is bounded by it, not by the mini-batch. Rows are
-    sorted by length and grouped to minimise padding (`micro_batches`)."""
+    sorted by length and grouped to minimise padding (`common.sampling.micro_batches`); a row longer than
+    the budget (a 22,528-token prompt and response) gets a pass of its own. 16384: the memory plan's for
+    Qwen2.5-32B on 32 x 80 GB GPUs (32768 needs about 76 of the 72 usable GiB)."""
 
     # ---- rollouts ----
     max_new_tokens: int = 20480

@@ -1218,7 +1218,6 @@ def evaluate(agent: Agent, make_env, tasks: Sequence[int], max_steps: int, tempe
 # --------------------------------------------------------------------------------------------------
 
 CPU_INSTRUCTION = "Craft the goal with the crafting commands. Answer with a Thought and an Action."
-CACHE_DIR = Path(__file__).resolve().parent / ".cache"
 
 
 @dataclass(frozen=True)
@@ -1253,24 +1252,25 @@ class WarmStart:
     seed: int = 0
 
     def key(self) -> str:
-        import hashlib
+        from common.cache import config_key
 
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return config_key(dataclasses.asdict(self))
 
 
-def warm_start(config: WarmStart, cache_dir: Path = CACHE_DIR) -> Path:
+def warm_start(config: WarmStart) -> Path:
     """The directory of the warm-started tiny agent (and its `general.jsonl`), built if missing, cached
     by config."""
-    import shutil
+    from common.cache import CACHE_DIR, build_once
 
+    return build_once(CACHE_DIR / f"tiny-textcraft-{config.key()}", lambda folder: _train_warm_start(config, folder))
+
+
+def _train_warm_start(config: WarmStart, folder: Path) -> None:
     import torch
 
     from common.models import QWEN25_CHAT_TEMPLATE, build_tiny_model, load_policy
     from common.sft import sft_train
 
-    out_dir = cache_dir / f"tiny-textcraft-{config.key()}"
-    if (out_dir / "warm_start.json").is_file():
-        return out_dir
     env = TextCraft.from_source(config.recipes, config.instruction)
     rng = random.Random(config.seed)
     pool = training_pool(config.train_pool, config.held_out)
@@ -1303,24 +1303,19 @@ def warm_start(config: WarmStart, cache_dir: Path = CACHE_DIR) -> Path:
                react_turn(REVISION_THOUGHTS[0], REVISION_ACTION), REVISION_OBSERVATION] * 20
               + [env.reset(t) for t in range(env.num_tasks())]
               + [m["content"] for conversation in demonstrations + general for m in conversation])
-    scratch = cache_dir / f".building-{config.key()}"
-    shutil.rmtree(scratch, ignore_errors=True)
-    build_tiny_model(scratch, config.hidden_size, config.num_layers, vocab_size=config.vocab_size, corpus=corpus,
+    build_tiny_model(folder, config.hidden_size, config.num_layers, vocab_size=config.vocab_size, corpus=corpus,
                      seed=config.seed)
-    model, tokenizer = load_policy(str(scratch))
+    model, tokenizer = load_policy(str(folder))
     trained = [[m | {"loss": m["role"] == "assistant"} for m in chat] for chat in general]
     examples = [training_example(tokenizer, m) for m in demonstrations + trained]
     print(f"warm start: {len(demonstrations)} demonstrations, {len(general)} general chats, {config.steps} SFT steps")
     torch.manual_seed(config.seed)
     losses = sft_train(model, examples, config.steps, config.batch_size, config.lr, seed=config.seed,
                        micro_batch_size=config.micro_batch_size)
-    model.save_pretrained(scratch)
-    (scratch / "general.jsonl").write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in general))
+    model.save_pretrained(folder)
+    (folder / "general.jsonl").write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in general))
     record = {"config": dataclasses.asdict(config), "final_loss": losses[-1]}
-    (scratch / "warm_start.json").write_text(json.dumps(record, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    scratch.rename(out_dir)
-    return out_dir
+    (folder / "warm_start.json").write_text(json.dumps(record, indent=2))
 
 
 # --------------------------------------------------------------------------------------------------

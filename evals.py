@@ -35,7 +35,6 @@ import json
 import math
 import os
 import re
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -790,24 +789,17 @@ def load_sampler(model: str, backend: str, dtype: str, batch_size: int, tensor_p
 
 def resolve_model(name: str) -> str:
     """The directory of the tiny CPU models, built on first use; any other name is returned as is."""
-    from common.tasks import CACHE_DIR, warm_start
+    from common.tasks import warm_start
 
     if name == "tiny-arithmetic":
         return str(warm_start())
     if name not in ("tiny-random", "tiny-vlm"):
         return name
+    from common.cache import CACHE_DIR, build_once
     from common.models import build_tiny_model
     from common.vision import build_tiny_vlm
 
-    out_dir = CACHE_DIR / name
-    if not (out_dir / "config.json").is_file():
-        build = build_tiny_model if name == "tiny-random" else build_tiny_vlm
-        scratch = build(CACHE_DIR / f".building-{name}-{os.getpid()}")
-        try:
-            scratch.rename(out_dir)  # complete or absent: a run killed while building leaves no half model
-        except OSError:  # another run finished building it first
-            shutil.rmtree(scratch)
-    return str(out_dir)
+    return str(build_once(CACHE_DIR / name, build_tiny_model if name == "tiny-random" else build_tiny_vlm))
 
 
 def sampler_for(args: Args, model: str):

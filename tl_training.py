@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import hashlib
 import json
 import math
 import random
@@ -888,10 +887,9 @@ def execute_calls(source: str, calls: Sequence[dict]) -> dict[str, str]:
 def synthetic_data(task: ToolUseTask, train_conversations: int, eval_queries: int) -> tuple[list[dict], list[dict]]:
     """Training trajectories and held-out query conversations of a synthetic task, cached on disk by their
     settings (the tool calls of a fresh set take a while: each is a subprocess)."""
-    from common.tasks import CACHE_DIR
+    from common.cache import CACHE_DIR, config_key
 
-    key = hashlib.sha256(json.dumps([dataclasses.asdict(task), train_conversations, eval_queries]).encode()).hexdigest()
-    path = CACHE_DIR / f"tool-use-{key[:12]}.json"
+    path = CACHE_DIR / f"tool-use-{config_key([dataclasses.asdict(task), train_conversations, eval_queries])}.json"
     if path.is_file():
         cached = json.loads(path.read_text())
         return cached["train"], cached["test"]
@@ -969,9 +967,10 @@ class TinyBase:
     seed: int = 0
 
     def key(self) -> str:
-        spec = [dataclasses.asdict(self), dataclasses.asdict(PAPER_SEARCH), dataclasses.asdict(TRAVEL),
-                SIGNATURES_CHAT_TEMPLATE]
-        return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:12]
+        from common.cache import config_key
+
+        return config_key([dataclasses.asdict(self), dataclasses.asdict(PAPER_SEARCH), dataclasses.asdict(TRAVEL),
+                           SIGNATURES_CHAT_TEMPLATE])
 
 
 def tiny_corpus(domains: Sequence[Domain], per_domain: int = 2000) -> list[str]:
@@ -1018,30 +1017,35 @@ def without_tools(conversations: list[dict]) -> list[dict]:
 
 def tiny_base(args: Args, base: TinyBase = TinyBase()) -> str:
     """The directory of the "tiny-tool-use" base model, built once (about 3 minutes on one core) and cached."""
-    from common.models import build_tiny_model, load_tokenizer
-    from common.tasks import CACHE_DIR
+    from common.cache import CACHE_DIR, build_once
 
-    out_dir = CACHE_DIR / f"tiny-tool-use-{base.key()}"
-    if (out_dir / "pretraining" / "model" / "evaluation.json").is_file():
-        return str(out_dir / "pretraining" / "model")
-    print(f"building the tiny base model in {out_dir} (once)")
-    initial = out_dir / "initial"
-    if not (initial / "config.json").is_file():
+    print(f"the tiny base model tiny-tool-use-{base.key()} (built once, about 3 minutes)")
+    return str(build_once(CACHE_DIR / f"tiny-tool-use-{base.key()}", lambda folder: _pretrain(args, base, folder)))
+
+
+def _pretrain(args: Args, base: TinyBase, folder: Path) -> None:
+    import tempfile
+
+    from common.models import build_tiny_model, load_tokenizer
+
+    with tempfile.TemporaryDirectory() as work:
+        initial = Path(work) / "initial"
         build_tiny_model(initial, hidden_size=base.hidden_size, num_layers=base.num_layers,
                          vocab_size=base.vocab_size, corpus=tiny_corpus([PAPER_SEARCH, TRAVEL]), seed=base.seed)
         tokenizer = load_tokenizer(str(initial))
         tokenizer.chat_template = SIGNATURES_CHAT_TEMPLATE
         tokenizer.save_pretrained(initial)
-    # clean calls: nothing to execute, nothing to cache
-    task = ToolUseTask(copying_drill(TRAVEL, load_tokenizer(str(initial))), base.seed, adverse_rate=0.0)
-    pretraining = dataclasses.replace(
-        args, dtype="float32", gradient_checkpointing=False, resume=True, seed=base.seed, sft_epochs=base.epochs,
-        sft_batch_size=base.batch_size, sft_micro_batch_size=base.batch_size, sft_lr=base.lr, sft_warmup_ratio=0.05,
-        sft_weight_decay=0.0, checkpoint_every=100, max_new_tokens=32)
-    model_dir, _ = run_sft(pretraining, out_dir / "pretraining", str(initial),
-                           without_tools(task.conversations(base.conversations, "train")), mae=False, w_max=1.0,
-                           eval_targets=[t for c in task.conversations(200, "test") for t in call_targets(c)])
-    return str(model_dir)
+        # clean calls: nothing to execute, nothing to cache
+        task = ToolUseTask(copying_drill(TRAVEL, load_tokenizer(str(initial))), base.seed, adverse_rate=0.0)
+        pretraining = dataclasses.replace(
+            args, dtype="float32", gradient_checkpointing=False, resume=False, seed=base.seed, sft_epochs=base.epochs,
+            sft_batch_size=base.batch_size, sft_micro_batch_size=base.batch_size, sft_lr=base.lr,
+            sft_warmup_ratio=0.05, sft_weight_decay=0.0, checkpoint_every=100, max_new_tokens=32)
+        model_dir, _ = run_sft(pretraining, Path(work) / "pretraining", str(initial),
+                               without_tools(task.conversations(base.conversations, "train")), mae=False, w_max=1.0,
+                               eval_targets=[t for c in task.conversations(200, "test") for t in call_targets(c)])
+        for path in model_dir.iterdir():
+            shutil.move(path, folder / path.name)
 
 
 def resolve_model(args: Args) -> str:

@@ -12,18 +12,16 @@ Rows use the DAPO-Math-17k record schema, so the RL scripts read synthetic and r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from common.cache import CACHE_DIR, build_once, config_key
 from common.rewards import check_math_answer
 
-CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache"
 # A short system prompt: on a CPU every prompt token is paid for in every forward pass.
 SYSTEM_PROMPT = "Calculate step by step."
 
@@ -107,8 +105,7 @@ class WarmStartConfig:
 
     def key(self) -> str:
         """Names the cached model; it changes with the config and with the task's rows themselves."""
-        content = {"config": asdict(self), "rows": self.task.rows(5)}
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
+        return config_key({"config": asdict(self), "rows": self.task.rows(5)})
 
 
 # A warm start for quick demonstrations (tests, notebooks): single-digit chains of up to five terms,
@@ -135,16 +132,16 @@ def warm_start(config: WarmStartConfig = WarmStartConfig(), cache_dir: Path = CA
     `target_accuracy`; if accuracy jumps past the window's top, the last model inside the window is
     kept. The measured accuracy is saved beside the weights in `warm_start.json`.
     """
+    out_dir = cache_dir / f"tiny-arithmetic-{config.key()}"
+    return build_once(out_dir, lambda folder: _train_warm_start(config, folder, progress))
+
+
+def _train_warm_start(config: WarmStartConfig, folder: Path, progress: bool) -> None:
     from common.models import build_tiny_model, load_policy
     from common.sft import tokenize_chat
 
-    out_dir = cache_dir / f"tiny-arithmetic-{config.key()}"
-    if (out_dir / "warm_start.json").is_file():
-        return out_dir
-    scratch = cache_dir / f".building-{config.key()}"
-    shutil.rmtree(scratch, ignore_errors=True)
-    build_tiny_model(scratch, hidden_size=config.hidden_size, num_layers=config.num_layers, seed=config.seed)
-    model, tokenizer = load_policy(str(scratch))
+    build_tiny_model(folder, hidden_size=config.hidden_size, num_layers=config.num_layers, seed=config.seed)
+    model, tokenizer = load_policy(str(folder))
     examples = []
     for row in config.task.rows(config.train_rows, "train"):
         messages = row["prompt"] + [{"role": "assistant", "content": row["solution"]}]
@@ -184,10 +181,7 @@ def warm_start(config: WarmStartConfig = WarmStartConfig(), cache_dir: Path = CA
             f"{config.max_steps} steps; raise max_steps or lr in WarmStartConfig"
         )
     model.load_state_dict(state["kept"])
-    model.save_pretrained(scratch)
-    (scratch / "warm_start.json").write_text(
+    model.save_pretrained(folder)
+    (folder / "warm_start.json").write_text(
         json.dumps({"accuracy": state["accuracy"], "step": state["step"], "config": asdict(config)}, indent=2)
     )
-    shutil.rmtree(out_dir, ignore_errors=True)
-    scratch.rename(out_dir)
-    return out_dir

@@ -25,7 +25,6 @@ Read top to bottom: Args, the paper's math as pure functions, then the training 
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import sys
 import time

@@ -1303,7 +1303,7 @@ def _train_warm_start(config: WarmStart, folder: Path) -> None:
                react_turn(REVISION_THOUGHTS[0], REVISION_ACTION), REVISION_OBSERVATION] * 20
               + [env.reset(t) for t in range(env.num_tasks())]
               + [m["content"] for conversation in demonstrations + general for m in conversation])
-    build_tiny_model(folder, config.hidden_size, config.num_layers, vocab_size=config.vocab_size, corpus=corpus,
+    build_tiny_model(folder, corpus, config.hidden_size, config.num_layers, vocab_size=config.vocab_size,
                      seed=config.seed)
     model, tokenizer = load_policy(str(folder))
     trained = [[m | {"loss": m["role"] == "assistant"} for m in chat] for chat in general]

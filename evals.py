@@ -789,7 +789,7 @@ def load_sampler(model: str, backend: str, dtype: str, batch_size: int, tensor_p
 
 def resolve_model(name: str) -> str:
     """The directory of the tiny CPU models, built on first use; any other name is returned as is."""
-    from common.tasks import warm_start
+    from tasks.arithmetic import tiny_corpus, warm_start
 
     if name == "tiny-arithmetic":
         return str(warm_start())
@@ -799,7 +799,8 @@ def resolve_model(name: str) -> str:
     from common.models import build_tiny_model
     from common.vision import build_tiny_vlm
 
-    return str(build_once(CACHE_DIR / name, build_tiny_model if name == "tiny-random" else build_tiny_vlm))
+    build = build_tiny_model if name == "tiny-random" else build_tiny_vlm
+    return str(build_once(CACHE_DIR / name, lambda folder: build(folder, tiny_corpus())))
 
 
 def sampler_for(args: Args, model: str):

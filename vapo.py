@@ -453,7 +453,7 @@ def minibatch_rows(first_sample: int, num_samples: int, updates: int, seed: int)
 def load_prompts(source: str, split: str) -> list[dict]:
     """Rows in the DAPO-Math-17k schema: `prompt` (chat messages) and `reward_model.ground_truth`."""
     from common.data import load_rows, require
-    from common.tasks import ArithmeticTask
+    from tasks.arithmetic import ArithmeticTask
 
     if source == "synthetic-arithmetic":
         return ArithmeticTask().rows(20000 if split == "train" else 1000, split)
@@ -466,7 +466,7 @@ def load_prompts(source: str, split: str) -> list[dict]:
 
 def resolve_model(name: str) -> str:
     if name == "tiny-arithmetic":
-        from common.tasks import warm_start
+        from tasks.arithmetic import warm_start
 
         return str(warm_start())
     return name

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import vapo  # noqa: E402
 from common.models import build_tiny_model  # noqa: E402
 from common.tracking import read_metrics  # noqa: E402
+from tasks.arithmetic import tiny_corpus  # noqa: E402
 
 # the shapes in the config.json of Qwen/Qwen2.5-0.5B and Qwen/Qwen2.5-1.5B
 SHAPES = {
@@ -64,7 +65,7 @@ def build(model_dir: Path, shape: str) -> None:
     """The model directory, written under a temporary name and renamed when complete."""
     scratch = model_dir.with_name(model_dir.name + ".building")
     shutil.rmtree(scratch, ignore_errors=True)
-    build_tiny_model(scratch, config_overrides=SHAPES[shape] | QWEN25)
+    build_tiny_model(scratch, tiny_corpus(), config_overrides=SHAPES[shape] | QWEN25)
     scratch.rename(model_dir)
 
 

@@ -1,1 +1,1 @@
-"""Shared plumbing for the paper scripts: models, sampling, rewards, tasks, data, logging, tools."""
+"""Shared plumbing for the paper scripts: models, sampling, rewards, data, logging, tools, caching."""

@@ -104,8 +104,7 @@ def _not_found(name_or_path: str, what: str, cause: Exception) -> ModelNotFoundE
         f"Hugging Face Hub id (the hub could not be reached or has no such repository: "
         f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}). "
         f"Offline, download the model elsewhere (`huggingface-cli download {name_or_path} --local-dir DIR`), "
-        f"copy DIR here and pass its path instead; or build the tiny CPU model with "
-        f"`python -m common.models DIR`."
+        f"copy DIR here and pass its path instead."
     )
 
 
@@ -237,49 +236,38 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedToken
     return fast
 
 
-def tiny_corpus() -> list[str]:
-    """Text the tiny tokenizer's merges are trained on: chat scaffolding, arithmetic and tool calls."""
-    from common.tasks import ArithmeticTask
-
-    task = ArithmeticTask(seed=0)
-    scaffolding = [
-        QWEN25_CHAT_TEMPLATE,
-        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n",
-        "<|im_start|>user\n", "<|im_start|>assistant\n", "\n<tool_response>\n", "\n</tool_response>",
-        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>',
-        "# Tools\n\nYou may call one or more functions to assist with the user query.",
-        '{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object", '
-        '"properties": {"x": {"type": "string", "description": "the x"}}, "required": ["x"]}}}',
-        "Solve the following math problem step by step. The last line of your response should be of the form "
-        "Answer: $Answer (without quotes) where $Answer is the answer to the problem.",
-    ]
-    problems = []
-    for row in task.rows(2000):
-        problems += [message["content"] for message in row["prompt"]]
-        problems.append(row["solution"])
-    return scaffolding * 20 + problems
+# Text every tiny tokenizer learns its merges from, beside its task's own: Qwen2.5's chat and tool-call scaffolding.
+CHAT_SCAFFOLDING = [
+    QWEN25_CHAT_TEMPLATE,
+    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n",
+    "<|im_start|>user\n", "<|im_start|>assistant\n", "\n<tool_response>\n", "\n</tool_response>",
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>',
+    "# Tools\n\nYou may call one or more functions to assist with the user query.",
+    '{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object", '
+    '"properties": {"x": {"type": "string", "description": "the x"}}, "required": ["x"]}}}',
+]
 
 
 def build_tiny_model(
     out_dir: str | os.PathLike,
+    corpus: list[str],
     hidden_size: int = 128,
     num_layers: int = 4,
     num_heads: int = 4,
     num_kv_heads: int = 2,
     vocab_size: int = 512,
     max_position_embeddings: int = 2048,
-    corpus: list[str] | None = None,
     seed: int = 0,
     config_overrides: dict | None = None,
 ) -> Path:
-    """Write a randomly initialised tiny Qwen2 and its tokenizer to `out_dir`; load it by path.
+    """Write a randomly initialised tiny Qwen2 and its tokenizer, trained on `corpus`, to `out_dir`; load it by path.
 
     The config differs from Qwen2.5-0.5B's only in sizes (Qwen2.5 also ties embeddings at small sizes
     and uses grouped-query attention). `config_overrides` sets any other `Qwen2Config` field, e.g. a real
     model's shape and vocabulary (ids the tokenizer lacks decode to nothing).
     """
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(corpus if corpus is not None else tiny_corpus(), vocab_size)
+    tokenizer = build_tokenizer(corpus, vocab_size)
     fields = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -304,10 +292,3 @@ def build_tiny_model(
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m common.models OUT_DIR   (writes the tiny CPU model there)")
-    print(build_tiny_model(sys.argv[1]))

@@ -225,21 +225,21 @@ def load_vision_sampler(name_or_path: str, backend: str, dtype: str, batch_size:
     return HFVisionSampler(model, processor, batch_size=batch_size), processor.tokenizer
 
 
-def build_tiny_vlm(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+def build_tiny_vlm(out_dir: str | os.PathLike, corpus: list[str], seed: int = 0) -> Path:
     """Write a randomly initialised tiny Idefics3 vision-language model and its processor to `out_dir`.
 
     The text model is a Llama with Qwen2.5's special tokens and the project's tokenizer (`build_tokenizer`
-    on `tiny_corpus`), plus Idefics3's image tokens; images are resized to IMAGE_SIDE pixels, one tile, no
+    on `corpus`), plus Idefics3's image tokens; images are resized to IMAGE_SIDE pixels, one tile, no
     splitting. Its weights start wider than usual (initializer_range 0.2, not 0.02) so that a random
     model's greedy reply depends on its image: at 0.02 every image gives the same reply.
     """
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, LlamaConfig
     from transformers.models.idefics3 import Idefics3ImageProcessorPil
 
-    from common.models import ENDOFTEXT, IM_END, IM_START, build_tokenizer, tiny_corpus
+    from common.models import ENDOFTEXT, IM_END, IM_START, build_tokenizer
 
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(tiny_corpus())
+    tokenizer = build_tokenizer(corpus)
     tokenizer.add_special_tokens({"additional_special_tokens": [
         IM_START, "<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"]})
     image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": IMAGE_SIDE},

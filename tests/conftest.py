@@ -27,5 +27,6 @@ def shared_data() -> Path:
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A randomly initialised tiny Qwen2 and its tokenizer, written to disk and loaded by path."""
     from common.models import build_tiny_model
+    from tasks.arithmetic import tiny_corpus
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", tiny_corpus())

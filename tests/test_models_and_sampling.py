@@ -8,6 +8,7 @@ import torch
 from common.models import build_tiny_model, load_policy, load_tokenizer, load_value_model, ModelNotFoundError
 from common.sampling import HFSampler, Sample, collate, cut_response, response_logprobs, top_p_filter
 from common.tools import parse_tool_calls
+from tasks.arithmetic import tiny_corpus
 
 
 TOOLS = [{"type": "function", "function": {
@@ -32,7 +33,7 @@ def test_tiny_model_round_trips_by_path(tiny_model_dir, tmp_path):
 def test_a_real_models_shape_and_vocabulary_with_the_projects_tokenizer(tmp_path):
     # what benchmarks/real_size_step.py does at Qwen2.5's sizes, here at small ones
     shape = dict(num_hidden_layers=3, intermediate_size=100, hidden_size=64, num_attention_heads=4, vocab_size=5000)
-    model, tokenizer = load_policy(str(build_tiny_model(tmp_path / "m", config_overrides=shape)))
+    model, tokenizer = load_policy(str(build_tiny_model(tmp_path / "m", tiny_corpus(), config_overrides=shape)))
     assert {k: getattr(model.config, k) for k in shape} == shape
     assert len(model.model.layers) == len(model.config.layer_types) == 3
     assert len(tokenizer) < 5000 and model.get_output_embeddings().weight.shape == (5000, 64)

@@ -17,7 +17,7 @@ from common.rewards import (
     math_equal,
 )
 from common.sft import IGNORE_INDEX, tokenize_chat
-from common.tasks import QUICK_WARM_START, ArithmeticTask, greedy_accuracy, warm_start
+from tasks.arithmetic import QUICK_WARM_START, ArithmeticTask, greedy_accuracy, warm_start
 
 TRUTH_TABLE = [
     # (response, gold, correct, parse_failed)

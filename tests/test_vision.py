@@ -23,6 +23,7 @@ from common.vision import (
     load_vision_sampler,
     prompt_images,
 )
+from tasks.arithmetic import tiny_corpus
 
 BLACK = Image.new("RGB", (64, 48), "black")
 WHITE = Image.new("RGB", (30, 60), "white")
@@ -43,7 +44,7 @@ TEXT_PROMPT = [{"role": "user", "content": "一个盒子里有几个苹果？"}]
 
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory):
-    return build_tiny_vlm(tmp_path_factory.mktemp("vlm") / "model")
+    return build_tiny_vlm(tmp_path_factory.mktemp("vlm") / "model", tiny_corpus())
 
 
 @pytest.fixture(scope="module")

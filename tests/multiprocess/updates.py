@@ -12,7 +12,7 @@ import torch
 def fixed_samples(tokenizer, prompts: int, samples_per_prompt: int, seed: int = 0):
     """A rollout that never changes: arithmetic prompts, random responses of 1 to 12 tokens, half correct."""
     from common.sampling import Sample, encode_prompt
-    from common.tasks import ArithmeticTask
+    from tasks.arithmetic import ArithmeticTask
 
     rng = random.Random(seed)
     rows = ArithmeticTask(seed=seed).rows(prompts)

@@ -1,4 +1,5 @@
-"""Small synthetic, verifiable tasks for the CPU default, and the warm start that makes RL worthwhile.
+"""VAPO's CPU world: a synthetic, verifiable arithmetic task, the tiny model's text, and the warm start that
+makes RL worthwhile.
 
 `ArithmeticTask` is multi-step addition and subtraction with a chain of thought: one line per
 operation, then `Answer: N`. Problems have 2 to 8 terms, so the chain of thought of one problem is
@@ -84,6 +85,20 @@ def _evaluate(terms: list[int], ops: list[str]) -> int:
     return total
 
 
+def tiny_corpus() -> list[str]:
+    """Text the tiny tokenizer's merges are trained on: chat scaffolding, the math prompt of evals.py's AIME, and
+    the task's problems and gold traces."""
+    from common.models import CHAT_SCAFFOLDING
+
+    math_prompt = ("Solve the following math problem step by step. The last line of your response should be of the "
+                   "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.")
+    problems = []
+    for row in ArithmeticTask(seed=0).rows(2000):
+        problems += [message["content"] for message in row["prompt"]]
+        problems.append(row["solution"])
+    return (CHAT_SCAFFOLDING + [math_prompt]) * 20 + problems
+
+
 # --------------------------------------------------------------------------------------------------
 # Warm start: SFT of the tiny model on the task's gold traces, stopped inside a base-accuracy window.
 # --------------------------------------------------------------------------------------------------
@@ -140,7 +155,8 @@ def _train_warm_start(config: WarmStartConfig, folder: Path, progress: bool) -> 
     from common.models import build_tiny_model, load_policy
     from common.sft import tokenize_chat
 
-    build_tiny_model(folder, hidden_size=config.hidden_size, num_layers=config.num_layers, seed=config.seed)
+    build_tiny_model(folder, tiny_corpus(), hidden_size=config.hidden_size, num_layers=config.num_layers,
+                     seed=config.seed)
     model, tokenizer = load_policy(str(folder))
     examples = []
     for row in config.task.rows(config.train_rows, "train"):

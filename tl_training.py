@@ -18,8 +18,8 @@ techniques, one per feature of tool-use data the paper measures:
     accelerate launch tl_training.py --scale paper --data trajectories.jsonl --eval-data held_out.jsonl
 
 Read top to bottom: Args; the paper's math as pure functions, (1) MAE, (2) PKT, (3) IRM; how a
-conversation becomes tokens and weights; data (the two file formats and the synthetic task); the
-three stages; the error-category plot.
+conversation becomes tokens and weights; data (the two file formats); the three stages; the error-category
+plot. The synthetic CPU task is in tasks/tool_use.py, its tiny base model in tasks/tiny_tool_use.py.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ from typing import Literal, Sequence
 import torch
 import tyro
 
+from tasks.tool_use import PAPER_SEARCH, ToolUseTask, synthetic_data
+
 # --------------------------------------------------------------------------------------------------
 # Args
 # --------------------------------------------------------------------------------------------------
@@ -58,7 +60,7 @@ class Args:
     masked data and stops; `--stages irm` starts PPO from --model."""
     model: str = "Qwen/Qwen2.5-7B"
     """base model: a hub id, a local directory, or "tiny-tool-use" (a tiny Qwen2 pretrained on another tool
-    domain, built once and cached; see TinyBase). The paper fine-tunes CodeLlama-7b-hf, whose tokenizer has no
+    domain, built once and cached; see tasks/tiny_tool_use.py). The paper fine-tunes CodeLlama-7b-hf, whose tokenizer has no
     chat template for tools; Qwen2.5-7B is the base model of the same size whose template renders `tools=`."""
     data: str = "synthetic-tool-use"
     """training trajectories: a hub id or a local .json/.jsonl/.parquet in the official raw format
@@ -562,7 +564,7 @@ def sft_example(tokenizer, conversation: dict, trained: Sequence[bool], w_max: f
 
 
 # --------------------------------------------------------------------------------------------------
-# Data: the official raw trajectories, OpenAI-style messages, and the synthetic CPU task
+# Data: the official raw trajectories and OpenAI-style messages (the synthetic CPU task is tasks/tool_use.py)
 # A conversation here is {"id", "messages" (OpenAI roles and tool_calls), "tools" (JSON schemas)}.
 # --------------------------------------------------------------------------------------------------
 
@@ -686,221 +688,8 @@ def call_targets(conversation: dict) -> list[dict]:
     return targets
 
 
-# ---- the synthetic tasks: tool sets whose names share prefixes, as in Fig. 2's example ----
-
-
-@dataclass(frozen=True)
-class Domain:
-    """A synthetic tool set. `tools`: name -> (required parameters, optional parameters, query templates, the
-    teacher's typical mistake with the tool); `values`: the values of each parameter, each one token of the
-    tiny tokenizer and quoted in the queries (users paste the names and terms they ask about), so that a model
-    of a million parameters learns to fill calls within minutes; `source`: the tools' Python implementation,
-    run by common.tools.execute_tool in a subprocess like any real tool."""
-
-    tools: dict
-    values: dict
-    system_prompt: str
-    source: str = ""
-
-    def schemas(self) -> list[dict]:
-        """The tools as OpenAI function schemas. No descriptions: every prompt token is paid for in every
-        forward pass on a CPU, and the names say what the tools do."""
-        def kind(p):
-            return "integer" if isinstance(self.values[p][0], int) else "string"
-
-        return [{"type": "function", "function": {"name": name, "parameters": {
-            "type": "object", "properties": {p: {"type": kind(p)} for p in required + optional}, "required": required}}}
-            for name, (required, optional, _, _) in self.tools.items()]
-
-
-PAPERS = ["ToolLLM", "AlphaFold", "ResNet", "BERT", "Chinchilla", "Gopher", "Llama", "Mamba", "Whisper", "Gorilla",
-          "Toolformer", "Reflexion", "Voyager", "Orca", "Vicuna", "Alpaca", "Falcon", "Mistral", "Gemma", "Phi"]
-AUTHORS = ["Tanaka", "Silva", "Martin", "Ivanov", "Rossi", "Haddad", "Kim", "Garcia", "Weber", "Mensah", "Novak",
-           "Lopez", "Khan", "Farouk", "Nair", "Walsh", "Diaz", "Berg", "Singh", "Chen"]
-
-# The CPU task. A wrong tool name, a wrong or missing argument, an unknown paper or author raises in the tool,
-# and the executor answers with the error.
-PAPER_SEARCH = Domain(
-    tools={
-        "get_paper_details": (["title"], [],
-                              ['What is "{title}" about?', 'Give me the details of "{title}".',
-                               'When was "{title}" published?'],
-                              ("tool", "get_paper_detail")),
-        "get_paper_citations": (["title"], ["limit"],
-                                ['Which papers cite "{title}"?', 'Show {limit} papers that cite "{title}".',
-                                 'Who cites "{title}"? List {limit}.'],
-                                ("drop", "title")),
-        "get_papers_by_keywords": (["query"], ["venue"],
-                                   ['Find papers on "{query}".', 'Search "{query}" papers from "{venue}".',
-                                    'Any "{venue}" work on "{query}"?'],
-                                   ("rename", {"query": "keyword"})),  # Fig. 2's sample S2
-        "get_papers_by_author": (["author"], ["venue"],
-                                 ['What has "{author}" published?', 'List papers by "{author}" at "{venue}".',
-                                  'What did "{author}" publish in "{venue}"?'],
-                                 ("typo", "author")),
-    },
-    values={
-        "title": PAPERS, "limit": list(range(2, 10)), "author": AUTHORS,
-        "query": ["robotics", "genomics", "vision", "speech", "translation", "retrieval", "compression", "fairness",
-                  "privacy", "planning", "reasoning", "summarization", "parsing", "clustering", "forecasting",
-                  "segmentation", "detection", "alignment", "agents", "proteins"],
-        "venue": ["ICLR", "NeurIPS", "ICML", "ACL", "EMNLP", "CVPR", "AAAI", "KDD"],
-    },
-    system_prompt="You are a research assistant with tools.",
-    source=f'''
-PAPERS = {PAPERS!r}
-AUTHORS = {AUTHORS!r}
-
-
-def _paper(title):
-    if title not in PAPERS:
-        raise ValueError(f"no paper is titled {{title!r}}")
-    return PAPERS.index(title)
-
-
-def _papers(key, count):
-    return [PAPERS[(key * 7 + k * 3) % len(PAPERS)] for k in range(count)]
-
-
-def get_paper_details(title):
-    return {{"title": title, "year": 2015 + _paper(title) % 10}}
-
-
-def get_paper_citations(title, limit=3):
-    return _papers(_paper(title), int(limit))
-
-
-def get_papers_by_keywords(query, venue=None):
-    return _papers(sum(map(ord, query + (venue or ""))), 2)
-
-
-def get_papers_by_author(author, venue=None):
-    if author not in AUTHORS:
-        raise ValueError(f"no author is named {{author!r}}")
-    return _papers(AUTHORS.index(author) + sum(map(ord, venue or "")), 2)
-''',
-)
-
-# Another domain, only for pretraining the tiny base model (see TinyBase): clean calls, no tool list shown.
-TRAVEL = Domain(
-    tools={
-        "get_weather_today": (["city"], [], ['What is the weather in "{city}" today?', 'Is it raining in "{city}"?',
-                                             'How hot is "{city}" right now?'], None),
-        "get_weather_forecast": (["city"], ["days"], ['Forecast for "{city}".', 'Weather in "{city}" for {days} days?',
-                                                      'Give me a {days} day forecast for "{city}".'], None),
-        "find_flights_to": (["city"], ["airline"], ['Find flights to "{city}".', 'Any "{airline}" flights to "{city}"?',
-                                                    'Book a "{airline}" flight to "{city}".'], None),
-        "find_hotels_in": (["city"], ["stars"], ['Find a hotel in "{city}".', 'I need a {stars} star hotel in "{city}".',
-                                                 'Any {stars} star hotels in "{city}"?'], None),
-    },
-    values={
-        "city": ["Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Delhi", "Rome", "Seoul", "Dakar", "Quito", "Hanoi",
-                 "Sydney", "Denver", "Madrid", "Berlin", "Nairobi", "Lagos", "Boston", "Dubai", "Vienna"],
-        "days": list(range(2, 10)), "stars": [2, 3, 4, 5],
-        "airline": ["Delta", "Emirates", "Lufthansa", "Qantas", "Iberia", "Finnair", "Avianca", "Aeroflot"],
-    },
-    system_prompt="You are a travel assistant with tools.",
-)
-
-
-@dataclass(frozen=True)
-class ToolUseTask:
-    """Queries of a domain, each answered by one call, as a teacher model would have answered them: with
-    probability `adverse_rate` its first call is its typical mistake with that tool (in PAPER_SEARCH: a
-    hallucinated tool name, a missing parameter, a hallucinated parameter, a misspelled value), the tool, run
-    through common.tools, answers with an error, and the teacher makes the correct call. Like the official
-    trajectories, which end with a `finish` call, a trajectory ends with its last call."""
-
-    domain: Domain = PAPER_SEARCH
-    seed: int = 0
-    adverse_rate: float = Args.adverse_rate
-
-    def query(self, rng: random.Random) -> tuple[str, dict]:
-        name = rng.choice(list(self.domain.tools))
-        required, optional, templates, _ = self.domain.tools[name]
-        template = rng.choice(templates)
-        values = {p: rng.choice(v) for p, v in self.domain.values.items()}
-        arguments = {p: values[p] for p in required + optional if "{" + p + "}" in template}
-        return template.format(**values), {"name": name, "arguments": arguments}
-
-    def mistake(self, gold: dict, rng: random.Random) -> dict:
-        kind, detail = self.domain.tools[gold["name"]][3]
-        arguments = dict(gold["arguments"])
-        if kind == "tool":
-            return {"name": detail, "arguments": arguments}
-        if kind == "rename":
-            arguments = {detail.get(k, k): v for k, v in arguments.items()}
-        elif kind == "drop":
-            arguments.pop(detail)
-        elif kind == "typo":
-            value = arguments[detail]
-            cut = rng.randrange(1, len(value))
-            arguments[detail] = value[:cut] + value[cut + 1 :]  # a letter left out
-        return {"name": gold["name"], "arguments": arguments}
-
-    def conversations(self, n: int, split: str = "train", exclude: set[str] = frozenset()) -> list[dict]:
-        """`n` trajectories; "test" ones have no mistakes, and none of their queries is in `exclude` (pass
-        the training queries), so every test query is new."""
-        rng = random.Random(f"{self.seed}-{split}")
-        plans, seen, draws = [], set(exclude), 0
-        while len(plans) < n:
-            query, gold = self.query(rng)
-            draws += 1
-            if split == "test" and query in seen:
-                if draws > 1000 * n:
-                    raise ValueError(f"fewer than {n} queries of this domain are not in `exclude`; ask for fewer")
-                continue
-            seen.add(query)
-            wrong = self.mistake(gold, rng) if split == "train" and rng.random() < self.adverse_rate else None
-            plans.append((query, gold, wrong))
-        feedback = execute_calls(self.domain.source, [wrong for _, _, wrong in plans if wrong is not None])
-        rows = []
-        for k, (query, gold, wrong) in enumerate(plans):
-            messages = [{"role": "system", "content": self.domain.system_prompt}, {"role": "user", "content": query}]
-            if wrong is not None:
-                messages.append(_assistant_call(wrong))
-                messages.append({"role": "tool", "content": feedback[_canonical(wrong)]})
-                if not is_error_feedback(messages[-1]["content"]):
-                    raise RuntimeError(f"the mistaken call {wrong} did not fail: {messages[-1]['content']}")
-            messages.append(_assistant_call(gold))
-            rows.append({"id": f"{split}-{k}", "messages": messages, "tools": self.domain.schemas()})
-        return rows
-
-
-def _assistant_call(call: dict) -> dict:
-    return {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]}
-
-
-def execute_calls(source: str, calls: Sequence[dict]) -> dict[str, str]:
-    """The tools' output for every distinct call, through the shared tool executor (each call is a
-    subprocess, so distinct calls run in parallel threads)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from common.tools import execute_tool
-
-    distinct = {_canonical(c): c for c in calls}
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        outputs = pool.map(lambda c: execute_tool(source, c["name"], c["arguments"]), distinct.values())
-        return dict(zip(distinct, outputs))
-
-
-def synthetic_data(task: ToolUseTask, train_conversations: int, eval_queries: int) -> tuple[list[dict], list[dict]]:
-    """Training trajectories and held-out query conversations of a synthetic task, cached on disk by their
-    settings (the tool calls of a fresh set take a while: each is a subprocess)."""
-    from common.cache import CACHE_DIR, config_key
-
-    path = CACHE_DIR / f"tool-use-{config_key([dataclasses.asdict(task), train_conversations, eval_queries])}.json"
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        return cached["train"], cached["test"]
-    train = task.conversations(train_conversations, "train")
-    test = task.conversations(eval_queries, "test", exclude={c["messages"][1]["content"] for c in train})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"train": train, "test": test}))
-    return train, test
-
-
 def load_conversations(source: str, split: str, args: Args) -> list[dict]:
+    """Conversations from a file or hub id in either format, or the synthetic CPU task (tasks/tool_use.py)."""
     if source == "synthetic-tool-use":
         task = ToolUseTask(PAPER_SEARCH, seed=args.seed, adverse_rate=args.adverse_rate)
         return synthetic_data(task, args.train_conversations, args.eval_queries)[0 if split == "train" else 1]
@@ -909,148 +698,13 @@ def load_conversations(source: str, split: str, args: Args) -> list[dict]:
     return [conversation_from_row(row, i, source) for i, row in enumerate(load_rows(source, split))]
 
 
-# ---- the tiny base model ----
-
-# The tiny model's chat template: Qwen2.5's, except that the offered tools are one Python signature each, as
-# in the official TL-Training prompts (code/mae/mae.py renders tools as `def name(a: type, b: type = None)`),
-# instead of Qwen2.5's 80-token preamble and JSON schemas. Calls, tool responses and everything else are
-# Qwen2.5's. The prompt of the CPU task is then about 80 tokens instead of 360, which a model of a million
-# parameters processes several times faster; the same `apply_chat_template(tools=...)` path serves both.
-SIGNATURES_CHAT_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] }}"
-    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.' }}{%- endif %}"
-    "{%- if tools %}{{- '\\n# Tools' }}{%- for tool in tools %}"
-    "{%- set f = tool.function if tool.function is defined else tool %}"
-    "{%- set required = f.parameters.required if f.parameters.required is defined else [] %}"
-    "{{- '\\n' + f.name + '(' }}{%- for name, schema in f.parameters.properties.items() %}"
-    "{{- name + ': ' + schema.type }}{%- if name not in required %}{{- ' = None' }}{%- endif %}"
-    "{%- if not loop.last %}{{- ', ' }}{%- endif %}{%- endfor %}{{- ')' }}{%- endfor %}{%- endif %}"
-    "{{- '<|im_end|>\\n' }}"
-    "{%- for message in messages %}"
-    "{%- if message.role == 'system' and loop.first %}"
-    "{%- elif message.role in ('user', 'system') or (message.role == 'assistant' and not message.tool_calls) %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
-    "{%- elif message.role == 'assistant' %}{{- '<|im_start|>assistant' }}"
-    "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
-    "{%- for tool_call in message.tool_calls %}"
-    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
-    "{{- '\\n<tool_call>\\n{\"name\": \"' + tool_call.name + '\", \"arguments\": ' + tool_call.arguments | tojson + '}\\n</tool_call>' }}"
-    "{%- endfor %}{{- '<|im_end|>\\n' }}"
-    "{%- elif message.role == 'tool' %}"
-    "{%- if loop.index0 == 0 or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
-    "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
-    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
-    "{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
-
-@dataclass(frozen=True)
-class TinyBase:
-    """How "tiny-tool-use" is made: a random tiny Qwen2 (common.models.build_tiny_model, 194k parameters, its
-    tokenizer trained on both domains' text, SIGNATURES_CHAT_TEMPLATE as its chat template) given plain SFT, by
-    `run_sft` below, on TRAVEL's calls with hundreds of values per string parameter (`copying_drill`) and no tool
-    list in the prompt. Like the paper's pretrained CodeLlama it then knows the call format, picks a tool from
-    the query's wording and copies the quoted values into the call (held-out TRAVEL queries, tool list shown:
-    97% tool selection, 69% exact calls), but knows none of PAPER_SEARCH's tools. With TRAVEL's own 20 values
-    per parameter the copying never forms (3% exact calls: the model writes the most frequent value, and on the
-    CPU task content filling stays near chance); copying appears after about 600 of the 1,500 steps. Built once
-    (about 3 minutes on one core) and cached."""
-
-    conversations: int = 24000
-    epochs: float = 2.0
-    batch_size: int = 32
-    lr: float = 3e-3
-    hidden_size: int = 64
-    num_layers: int = 2
-    vocab_size: int = 2048
-    seed: int = 0
-
-    def key(self) -> str:
-        from common.cache import config_key
-
-        return config_key([dataclasses.asdict(self), dataclasses.asdict(PAPER_SEARCH), dataclasses.asdict(TRAVEL),
-                           SIGNATURES_CHAT_TEMPLATE])
-
-
-def tiny_corpus(domains: Sequence[Domain], per_domain: int = 2000) -> list[str]:
-    """Text for the tiny tokenizer's merges: the chat templates' scaffolding and the domains' text, so that
-    frequent words become single tokens while tool names stay split at their underscores."""
-    from common.models import QWEN25_CHAT_TEMPLATE
-
-    texts = [QWEN25_CHAT_TEMPLATE, SIGNATURES_CHAT_TEMPLATE] * 20
-    for domain in domains:
-        for tool in domain.schemas():
-            properties = tool["function"]["parameters"]["properties"]
-            texts += [json.dumps(tool), ", ".join(f"{p}: {v['type']} = None" for p, v in properties.items())] * 20
-        for conversation in ToolUseTask(domain, adverse_rate=0.0).conversations(per_domain, "corpus"):
-            texts += [m["content"] for m in conversation["messages"]]
-            texts += [json.dumps(function_of(c)) for m in conversation["messages"] for c in m.get("tool_calls") or []]
-    return texts
-
-
-def copying_drill(domain: Domain, tokenizer) -> Domain:
-    """`domain` with every word of `tokenizer`'s vocabulary as the values of its string parameters: each one token
-    quoted in a query and in a call, and none a word of either domain's prompts, templates or schemas. With
-    hundreds of values a model cannot memorise them and must learn to copy the quoted word into the call (an
-    induction-style circuit), which its 20 values per parameter never teach."""
-    scaffolding = set()
-    for d in (PAPER_SEARCH, TRAVEL):
-        texts = [d.system_prompt, SIGNATURES_CHAT_TEMPLATE] + [t for tool in d.tools.values() for t in tool[2]]
-        for text in texts + [json.dumps(schema) for schema in d.schemas()]:
-            scaffolding |= set(tokenizer.convert_ids_to_tokens(tokenizer(text)["input_ids"]))
-
-    def one_token(word: str, text: str) -> bool:
-        return word in tokenizer.convert_ids_to_tokens(tokenizer(text)["input_ids"])
-
-    words = sorted(w for w in tokenizer.get_vocab() if re.fullmatch(r"[A-Za-z]{3,}", w) and w not in scaffolding
-                   and one_token(w, f'Is it "{w}" now?') and one_token(w, json.dumps({"city": w})))
-    values = {p: words if isinstance(v[0], str) else v for p, v in domain.values.items()}
-    return dataclasses.replace(domain, values=values)
-
-
-def without_tools(conversations: list[dict]) -> list[dict]:
-    """The conversations with no tool list in their prompts (half as long: the base model learns the call format
-    and copying, not a tool set)."""
-    return [{**c, "tools": []} for c in conversations]
-
-
-def tiny_base(args: Args, base: TinyBase = TinyBase()) -> str:
-    """The directory of the "tiny-tool-use" base model, built once (about 3 minutes on one core) and cached."""
-    from common.cache import CACHE_DIR, build_once
-
-    print(f"the tiny base model tiny-tool-use-{base.key()} (built once, about 3 minutes)")
-    return str(build_once(CACHE_DIR / f"tiny-tool-use-{base.key()}", lambda folder: _pretrain(args, base, folder)))
-
-
-def _pretrain(args: Args, base: TinyBase, folder: Path) -> None:
-    import tempfile
-
-    from common.models import build_tiny_model, load_tokenizer
-
-    with tempfile.TemporaryDirectory() as work:
-        initial = Path(work) / "initial"
-        build_tiny_model(initial, hidden_size=base.hidden_size, num_layers=base.num_layers,
-                         vocab_size=base.vocab_size, corpus=tiny_corpus([PAPER_SEARCH, TRAVEL]), seed=base.seed)
-        tokenizer = load_tokenizer(str(initial))
-        tokenizer.chat_template = SIGNATURES_CHAT_TEMPLATE
-        tokenizer.save_pretrained(initial)
-        # clean calls: nothing to execute, nothing to cache
-        task = ToolUseTask(copying_drill(TRAVEL, load_tokenizer(str(initial))), base.seed, adverse_rate=0.0)
-        pretraining = dataclasses.replace(
-            args, dtype="float32", gradient_checkpointing=False, resume=False, seed=base.seed, sft_epochs=base.epochs,
-            sft_batch_size=base.batch_size, sft_micro_batch_size=base.batch_size, sft_lr=base.lr,
-            sft_warmup_ratio=0.05, sft_weight_decay=0.0, checkpoint_every=100, max_new_tokens=32)
-        model_dir, _ = run_sft(pretraining, Path(work) / "pretraining", str(initial),
-                               without_tools(task.conversations(base.conversations, "train")), mae=False, w_max=1.0,
-                               eval_targets=[t for c in task.conversations(200, "test") for t in call_targets(c)])
-        for path in model_dir.iterdir():
-            shutil.move(path, folder / path.name)
-
-
 def resolve_model(args: Args) -> str:
     """A hub id or a directory as given; "tiny-tool-use" is the cached tiny base model."""
-    return tiny_base(args) if args.model == "tiny-tool-use" else args.model
+    if args.model != "tiny-tool-use":
+        return args.model
+    from tasks.tiny_tool_use import tiny_base  # its builder imports this file
+
+    return tiny_base(args)
 
 
 def require_chat_template(tokenizer, name: str) -> None:

@@ -10,6 +10,7 @@ import torch
 import tl_training as tl
 from common.data import DataError
 from common.sft import IGNORE_INDEX
+from tasks import tool_use
 
 # Fig. 2's tool set, as JSON schemas (the figure's camelCase names, as in its MAE panel).
 FIGURE_TOOLS = [
@@ -329,7 +330,7 @@ def test_ppo_losses_on_hand_computed_values():
 # ---- the synthetic task ----
 
 def test_synthetic_task_tools_share_prefixes_and_the_executor_answers_mistakes_with_errors():
-    task = tl.ToolUseTask(seed=3, adverse_rate=1.0)
+    task = tool_use.ToolUseTask(seed=3, adverse_rate=1.0)
     conversations = task.conversations(5, "train")
     for conversation in conversations:
         messages = conversation["messages"]
@@ -337,7 +338,7 @@ def test_synthetic_task_tools_share_prefixes_and_the_executor_answers_mistakes_w
         assert messages[3]["role"] == "tool" and messages[3]["content"].startswith("an error occured when call")
         [target] = tl.call_targets(conversation)
         assert target["messages"] == messages[:4]
-    names = [t["function"]["name"] for t in tl.PAPER_SEARCH.schemas()]
+    names = [t["function"]["name"] for t in tool_use.PAPER_SEARCH.schemas()]
     assert sum(n.startswith("get_paper_") for n in names) == 2 and sum(n.startswith("get_papers_by_") for n in names) == 2
     test = task.conversations(20, "test", exclude={c["messages"][1]["content"] for c in conversations})
     assert all(len(c["messages"]) == 3 for c in test)
@@ -347,14 +348,14 @@ def test_signatures_template_shows_tools_as_signatures_and_renders_the_rest_like
     from common.models import QWEN25_CHAT_TEMPLATE, load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    [conversation] = tl.ToolUseTask(seed=5, adverse_rate=1.0).conversations(1, "train")
+    [conversation] = tool_use.ToolUseTask(seed=5, adverse_rate=1.0).conversations(1, "train")
     messages, tools = conversation["messages"], conversation["tools"]
     qwen = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, chat_template=QWEN25_CHAT_TEMPLATE)
     signatures = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                               chat_template=tl.SIGNATURES_CHAT_TEMPLATE)
+                                               chat_template=tool_use.SIGNATURES_CHAT_TEMPLATE)
     assert "\nget_paper_citations(title: string, limit: integer = None)\n" in signatures
     assert signatures.split("<|im_start|>user", 1)[1] == qwen.split("<|im_start|>user", 1)[1]
-    tokenizer.chat_template = tl.SIGNATURES_CHAT_TEMPLATE
+    tokenizer.chat_template = tool_use.SIGNATURES_CHAT_TEMPLATE
     example = tl.sft_example(tokenizer, conversation, tl.trained_turns(messages, mae=True), w_max=9)
     assert sum(w > 1 for w in example["weights"]) >= 2  # PKT finds the name through any template
 
@@ -365,14 +366,15 @@ def test_copying_drill_gives_travel_hundreds_of_one_token_values_and_keeps_its_i
     """The base model's pretraining data: every string value is one token, quoted in a query and in a call, and
     no word of the prompts; too many values to memorise, so the tiny model must learn to copy them."""
     from common.models import build_tokenizer
+    from tasks.tiny_tool_use import TinyBase
 
-    tokenizer = build_tokenizer(tl.tiny_corpus([tl.PAPER_SEARCH, tl.TRAVEL]), tl.TinyBase().vocab_size)
-    drill = tl.copying_drill(tl.TRAVEL, tokenizer)
+    tokenizer = build_tokenizer(tool_use.tiny_corpus([tool_use.PAPER_SEARCH, tool_use.TRAVEL]), TinyBase().vocab_size)
+    drill = tool_use.copying_drill(tool_use.TRAVEL, tokenizer)
     words = drill.values["city"]
     assert drill.values["airline"] == words and len(words) >= 300 and len(set(words)) == len(words)
-    assert drill.values["days"] == tl.TRAVEL.values["days"] and drill.values["stars"] == tl.TRAVEL.values["stars"]
-    assert drill.tools == tl.TRAVEL.tools and not {"get", "city", "arguments", "name", "You"} & set(words)
-    for conversation in tl.without_tools(tl.ToolUseTask(drill, adverse_rate=0.0).conversations(20, "train")):
+    assert drill.values["days"] == tool_use.TRAVEL.values["days"] and drill.values["stars"] == tool_use.TRAVEL.values["stars"]
+    assert drill.tools == tool_use.TRAVEL.tools and not {"get", "city", "arguments", "name", "You"} & set(words)
+    for conversation in tool_use.without_tools(tool_use.ToolUseTask(drill, adverse_rate=0.0).conversations(20, "train")):
         assert conversation["tools"] == []
         city = conversation["messages"][-1]["tool_calls"][0]["function"]["arguments"]["city"]
         assert city in words and tokenizer.convert_tokens_to_ids(city) in tokenizer(conversation["messages"][1]["content"])["input_ids"]

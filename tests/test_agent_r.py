@@ -8,10 +8,10 @@ import pytest
 
 import agent_r
 from agent_r import (
-    CraftingRules, Node, RecipeError, TextCraft, backup, critique_and_splice, descend, expert_plan, first_bad_step,
-    item_id, leaf_paths, loss_mask, noisy_expert, pair_paths, parse_judgment, react_turn, revision_trajectory,
-    search, synthetic_recipes, training_example, uct_score, uct_select, verifier_prompt,
+    Node, backup, critique_and_splice, descend, first_bad_step, leaf_paths, loss_mask, pair_paths, parse_judgment,
+    revision_trajectory, search, training_example, uct_score, uct_select, verifier_prompt,
 )
+from tasks.textcraft import RecipeError, TextCraft, expert_plan, item_id, noisy_expert, react_turn
 
 ERROR_ONE_ACTION = "Error: Only one 'Action' is allowed per response. Please adjust your response."
 

@@ -1,0 +1,118 @@
+"""The tiny agent of Agent-R's CPU default, "tiny-textcraft": the CPU stand-in for an instruct model, a tiny
+Qwen2 warm-started on TextCraft's expert planner and on the judging and revision sentences an instruct model
+can already write.
+
+Its training data is built with Agent-R's own pieces (the verifier prompt, the revision thoughts, the
+trajectory format), so this module imports agent_r; agent_r never imports it at module level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent_r import (REVISION_ACTION, REVISION_OBSERVATION, REVISION_THOUGHTS, VERIFIER_PROMPT, good_trajectory,
+                     opening, training_example, training_pool, verifier_prompt)
+from tasks.textcraft import (CPU_INSTRUCTION, TEXTCRAFT_INSTRUCTION, TextCraft, action_text, expert_plan,
+                             noisy_expert, react_turn)
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """How the tiny CPU agent is made: what Llama-3.1-8B-Instruct brings to the paper, in miniature.
+
+    A fresh tiny Qwen2 is trained by SFT on three kinds of conversation:
+    - expert demonstrations from the planner, a share of which contain one mistake that the
+      demonstration never corrects (so the agent fails sometimes and does not recover);
+    - verifier answers to the paper's prompt, labelled by the environment (a step whose observation is
+      an error is Bad, any other Good): the judging an instruct model can already do;
+    - the ten revision thoughts as plain chat replies: an instruct model can already write these
+      sentences, a fresh tiny model cannot, and learning them from nothing in Phase II swamps it.
+    The last two are the "general chat" of the CPU run (`--general-data warm-start`), mixed into Phase II
+    at η as the paper mixes ShareGPT. Held-out tasks are never demonstrated."""
+
+    recipes: str = "synthetic"
+    instruction: str = CPU_INSTRUCTION
+    held_out: tuple[int, ...] = ()  # held-out task indices inside train_pool: never demonstrated
+    train_pool: int = 880
+    demonstrations: int = 400
+    noise: float = 0.3
+    verifier_examples: int = 400
+    sentence_examples: int = 50
+    hidden_size: int = 128
+    num_layers: int = 4
+    vocab_size: int = 1024
+    steps: int = 350
+    batch_size: int = 16
+    micro_batch_size: int = 4
+    lr: float = 2e-3
+    seed: int = 0
+
+    def key(self) -> str:
+        from common.cache import config_key
+
+        return config_key(dataclasses.asdict(self))
+
+
+def warm_start(config: WarmStart) -> Path:
+    """The directory of the warm-started tiny agent (and its `general.jsonl`), built if missing, cached
+    by config."""
+    from common.cache import CACHE_DIR, build_once
+
+    return build_once(CACHE_DIR / f"tiny-textcraft-{config.key()}", lambda folder: _train_warm_start(config, folder))
+
+
+def _train_warm_start(config: WarmStart, folder: Path) -> None:
+    import torch
+
+    from common.models import QWEN25_CHAT_TEMPLATE, build_tiny_model, load_policy
+    from common.sft import sft_train
+
+    env = TextCraft.from_source(config.recipes, config.instruction)
+    rng = random.Random(config.seed)
+    pool = training_pool(config.train_pool, config.held_out)
+    demonstrations, steps = [], []  # conversations; (task description, history, action, observation)
+    for task in rng.sample(pool, min(config.demonstrations, len(pool))):
+        start = opening(env, task)
+        noisy = rng.random() < config.noise
+        plan = noisy_expert(env.rules, env.goal, rng)[0] if noisy else expert_plan(env.rules, env.goal)
+        turns = []
+        for thought, action in plan:
+            observation, _, _ = env.step(react_turn(thought, action))
+            steps.append((start[2]["content"], [(action_text(r), o) for r, o in turns], action, observation))
+            turns.append((react_turn(thought, action), observation))
+        demonstrations.append(good_trajectory(start, turns))
+    failed = [s for s in steps if TextCraft.is_error(s[3])]
+    worked = [s for s in steps if not TextCraft.is_error(s[3])]
+    half = config.verifier_examples // 2
+    general = []
+    judged = rng.sample(failed, min(half, len(failed))) + rng.sample(worked, min(half, len(worked)))
+    for task, history, action, observation in judged:
+        answer = ("The action failed, so it does not help.\nJudgment: Bad" if TextCraft.is_error(observation)
+                  else "The action worked and moves toward the goal.\nJudgment: Good")
+        general.append([{"role": "user", "content": verifier_prompt(task, history, action, observation)},
+                        {"role": "assistant", "content": answer}])
+    for k in range(config.sentence_examples):
+        general.append([{"role": "user", "content": "Say in one sentence that you made a mistake and will fix it."},
+                        {"role": "assistant", "content": REVISION_THOUGHTS[k % len(REVISION_THOUGHTS)]}])
+
+    corpus = ([TEXTCRAFT_INSTRUCTION, config.instruction, VERIFIER_PROMPT, QWEN25_CHAT_TEMPLATE,
+               react_turn(REVISION_THOUGHTS[0], REVISION_ACTION), REVISION_OBSERVATION] * 20
+              + [env.reset(t) for t in range(env.num_tasks())]
+              + [m["content"] for conversation in demonstrations + general for m in conversation])
+    build_tiny_model(folder, corpus, config.hidden_size, config.num_layers, vocab_size=config.vocab_size,
+                     seed=config.seed)
+    model, tokenizer = load_policy(str(folder))
+    trained = [[m | {"loss": m["role"] == "assistant"} for m in chat] for chat in general]
+    examples = [training_example(tokenizer, m) for m in demonstrations + trained]
+    print(f"warm start: {len(demonstrations)} demonstrations, {len(general)} general chats, {config.steps} SFT steps")
+    torch.manual_seed(config.seed)
+    losses = sft_train(model, examples, config.steps, config.batch_size, config.lr, seed=config.seed,
+                       micro_batch_size=config.micro_batch_size)
+    model.save_pretrained(folder)
+    (folder / "general.jsonl").write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in general))
+    record = {"config": dataclasses.asdict(config), "final_loss": losses[-1]}
+    (folder / "warm_start.json").write_text(json.dumps(record, indent=2))

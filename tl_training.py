@@ -436,11 +436,12 @@ def kl_penalized_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mas
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
-        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over each response, advantages and returns (B, T).
+        lam: float) -> torch.Tensor:
+    """Generalised advantage estimation over each response, advantages (B, T).
 
-    δ_t = r_t + γ V_{t+1} - V_t,  A_t = Σ_l (γλ)^l δ_{t+l},  returns = A + V; rewards and values after a
-    response's end are zero (ppo_trainer.py get_advantages_and_returns; advantages are not whitened).
+    δ_t = r_t + γ V_{t+1} - V_t,  A_t = Σ_l (γλ)^l δ_{t+l}; rewards and values after a response's end are zero
+    (ppo_trainer.py get_advantages_and_returns, whose returns A + V are the critic's targets in `irm_targets`;
+    advantages are not whitened).
     """
     rewards, values = rewards * mask, values * mask
     advantages = torch.zeros_like(values)
@@ -449,7 +450,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(running)
         running = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * running
         advantages[:, t] = running
-    return advantages * mask, (advantages + values) * mask
+    return advantages * mask
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip: float, total_tokens: float):
@@ -474,8 +475,8 @@ def irm_targets(final_reward: torch.Tensor, old_logprobs: torch.Tensor, ref_logp
     per-token rewards, -β·KL to the SFT model plus the call's IRM reward on its last token; the GAE
     advantages over them; and the critic's targets, the returns A + V. All (B, T)."""
     rewards = kl_penalized_rewards(old_logprobs, ref_logprobs, mask, final_reward, kl_coef)
-    advantages, returns = gae(rewards, old_values * mask, mask, gamma, lam)
-    return rewards, advantages, returns
+    advantages = gae(rewards, old_values * mask, mask, gamma, lam)
+    return rewards, advantages, (advantages + old_values) * mask
 
 
 def ppo_losses(logprobs, values, old_logprobs, old_values, advantages, returns, mask, clip: float,

@@ -31,7 +31,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import tyro
 
@@ -396,7 +396,9 @@ def revision_trajectory(start: Sequence[dict], bad: Sequence[tuple[str, str]], g
     "ok." (it is never executed in the environment).
     """
     shared = 0
-    while shared < min(len(bad), len(good)) and good[shared][0] == bad[shared][0]:
+    for (good_response, _), (bad_response, _) in zip(good, bad):
+        if good_response != bad_response:
+            break
         shared += 1
     messages = [{k: v for k, v in m.items() if k != "loss"} | {"loss": False} for m in start]
     for response, observation in bad:
@@ -585,6 +587,13 @@ def search(roots: Sequence[Node], tasks: Sequence[int], starts: Sequence[list[di
                        if (leaf := descend(node, c, rng)) is not None and not leaf.terminal}
 
 
+class StepVerdict(NamedTuple):
+    """The verifier on one step of a bad path: its whole answer and the judgment read from it."""
+
+    answer: str
+    judgment: str | None
+
+
 def critique_and_splice(roots: Sequence[Node], tasks: Sequence[int], starts: Sequence[list[dict]], agent: Agent,
                         alpha: float, beta: float, pairs_per_task: int | None, transition: str,
                         verifier_temperature: float, seed: int,
@@ -609,7 +618,7 @@ def critique_and_splice(roots: Sequence[Node], tasks: Sequence[int], starts: Seq
                 turns = [(n.response, n.observation) for n in path]
                 good_records.append({"task": tasks[k], "reward": value, "messages": good_trajectory(starts[k], turns)})
 
-    verdicts: dict[Node, tuple[str, str | None]] = {}  # node -> (verifier answer, judgment)
+    verdicts: dict[Node, StepVerdict] = {}
     if transition == "model":
         walks = {id(bad): (k, bad) for k, _, bad in chosen}.values()
         pending, step = list(walks), 0
@@ -618,8 +627,8 @@ def critique_and_splice(roots: Sequence[Node], tasks: Sequence[int], starts: Seq
             prompts = [verifier_prompt(starts[k][2]["content"], [(n.action, n.observation) for n in bad[:step]],
                                        bad[step].action, bad[step].observation) for k, bad in asked]
             for (k, bad), answer in zip(asked, agent.verify(prompts, verifier_temperature, seed + step)):
-                verdicts[bad[step]] = (answer, parse_judgment(answer))
-            pending = [(k, bad) for k, bad in pending if verdicts[bad[step]][1] != "bad" and step + 1 < len(bad)]
+                verdicts[bad[step]] = StepVerdict(answer, parse_judgment(answer))
+            pending = [(k, bad) for k, bad in pending if verdicts[bad[step]].judgment != "bad" and step + 1 < len(bad)]
             step += 1
 
     revision_records = []

@@ -38,7 +38,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import tyro
 
@@ -615,6 +615,13 @@ def toolhop_items(rows: list[dict], source: str, scenario: str) -> list[dict]:
     return items
 
 
+class QueryCall(NamedTuple):
+    """A tool call of a model reply, and the query whose tool sources run it."""
+
+    item: dict
+    call: dict
+
+
 def run_toolhop(sampler, tokenizer, items: list[dict], sampling: Sampling, max_turns: int,
                 tool_timeout: float, seed: int) -> dict[str, list[list[dict]]]:
     """The authors' loop, batched over queries: each turn, every unfinished conversation gets one model
@@ -632,7 +639,7 @@ def run_toolhop(sampler, tokenizer, items: list[dict], sampling: Sampling, max_t
             prompts = [encode_prompt(tokenizer, conversations[i["id"]], i["tools"]) for i in active]
             samples = sampler.generate(prompts, n=1, max_new_tokens=sampling.max_new_tokens,
                                        temperature=sampling.temperature, top_p=sampling.top_p, seed=seed + turn)
-            calls = []  # (item, call) for every call of this turn, in order
+            calls = []  # every call of this turn, in order
             for sample in samples:
                 item = active[sample.prompt_index]
                 reply = parse_assistant_turn(sample.text)
@@ -641,8 +648,8 @@ def run_toolhop(sampler, tokenizer, items: list[dict], sampling: Sampling, max_t
                     message["tool_calls"] = [{"type": "function", "function": call} for call in reply.calls]
                 conversations[item["id"]].append(message)
                 if item["tools"]:
-                    calls += [(item, call) for call in reply.calls]
-            results = pool.map(lambda job: call_tool(job[0]["functions"], job[1], tool_timeout), calls)
+                    calls += [QueryCall(item, call) for call in reply.calls]
+            results = pool.map(lambda job: call_tool(job.item["functions"], job.call, tool_timeout), calls)
             for (item, call), content in zip(calls, results):
                 conversations[item["id"]].append({"role": "tool", "name": call["name"], "content": content})
             active = list({item["id"]: item for item, _ in calls}.values())  # those that called a tool
@@ -906,7 +913,7 @@ def evaluate(args: Args, sampler=None, tokenizer=None, judge=None) -> dict:
         records, summary = score_aime(items, responses, args.aime_protocol)
     elif args.bench == "ror_bench":
         if judge is None and args.judge_model:
-            judge = sampler_for(args, args.judge_model)[0]
+            judge, _ = sampler_for(args, args.judge_model)
         judgements = judge_all(judge, items, responses) if judge is not None else None
         records, summary = score_ror(items, responses, judgements)
         if image_pairs and "image/pairs" not in summary:

@@ -534,7 +534,7 @@ def key_token_indices(tokenizer, chat, messages, index: int, tools: Sequence[dic
             return encoding["input_ids"][first:], [a for a, _ in encoding["offset_mapping"][first:]]
 
         gold_ids, gold_starts = tokens_from_name(gold_name)
-        alternatives = [tokens_from_name(name)[0] for name in names if name != gold_name]
+        alternatives = [ids for ids, _ in (tokens_from_name(name) for name in names if name != gold_name)]
         for position in key_token_positions(gold_ids, alternatives):
             char = start + gold_starts[position]
             keys += [j for j, (a, b) in enumerate(chat.offsets) if a <= char < b]
@@ -953,7 +953,8 @@ def irm_models(args: Args, sft_model: str, accelerator):
     policy, tokenizer = load_policy(sft_model, args.dtype, args.gradient_checkpointing)
     require_chat_template(tokenizer, sft_model)
     critic = load_value_model(sft_model, args.dtype, args.gradient_checkpointing)
-    reference = prepare_frozen(accelerator, load_policy(sft_model, args.dtype)[0])
+    reference, _ = load_policy(sft_model, args.dtype)
+    reference = prepare_frozen(accelerator, reference)
     policy, actor_opt = accelerator.prepare(
         policy, torch.optim.AdamW(policy.parameters(), lr=args.actor_lr, betas=(0.9, args.adam_beta2)))
     critic, critic_opt = accelerator.prepare(

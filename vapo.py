@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple
 
 import torch
 import tyro
@@ -404,14 +404,23 @@ def phase_targets(mask: torch.Tensor, correct: torch.Tensor, values: torch.Tenso
     return rewards, lam_policy, advantages, returns
 
 
-def loss_denominators(mask: torch.Tensor, correct: torch.Tensor) -> list[float]:
-    """A mini-batch's (tokens, samples, tokens of correct samples): the denominators of the token mean
-    (Eq. 7), the sample mean (Eq. 6) and the positive-example LM loss (Eq. 9). The loop sums them over
-    processes, so every micro-batch's loss is its share of the whole mini-batch's."""
-    return [float(mask.sum()), float(mask.shape[0]), float((mask * correct.to(mask.dtype).unsqueeze(-1)).sum())]
+class Denominators(NamedTuple):
+    """A mini-batch's denominators of the token mean (Eq. 7), the sample mean (Eq. 6) and the positive-example LM
+    loss (Eq. 9)."""
+
+    tokens: float
+    samples: float
+    correct_tokens: float  # tokens of the correct samples
 
 
-def actor_loss(logprobs, old_logprobs, advantages, mask, correct, denominators: Sequence[float], clip_low: float,
+def loss_denominators(mask: torch.Tensor, correct: torch.Tensor) -> Denominators:
+    """A mini-batch's denominators. The loop sums them over processes, so every micro-batch's loss is its share
+    of the whole mini-batch's."""
+    return Denominators(float(mask.sum()), float(mask.shape[0]),
+                        float((mask * correct.to(mask.dtype).unsqueeze(-1)).sum()))
+
+
+def actor_loss(logprobs, old_logprobs, advantages, mask, correct, denominators: Denominators, clip_low: float,
                clip_high: float, token_level_loss: bool, nll_coef: float) -> tuple[torch.Tensor, dict]:
     """One micro-batch's share of the actor's loss: the clipped surrogate with clip-higher (Eq. 8),
     reduced by token or by sample (Eq. 7 / Eq. 6), plus μ times the positive-example LM loss (Eq. 10).
@@ -541,7 +550,7 @@ def ppo_update(policy, critic, actor_opt, critic_opt, accelerator, rollout: Roll
     for epoch in range(args.ppo_epochs):
         shuffle_seed = args.seed * 1_000_003 + step * 101 + epoch
         for mb_rows in minibatch_rows(rollout.first_sample, len(batch), updates_per_epoch, shuffle_seed):
-            denominators = sum_over_ranks(loss_denominators(mask[mb_rows], correct[mb_rows]))
+            denominators = Denominators(*sum_over_ranks(loss_denominators(mask[mb_rows], correct[mb_rows])))
             for rows in equal_micro_batches(lengths, mb_rows, args.micro_batch_tokens):
                 part = batch.select(rows)
                 width, m = part.response_mask.shape[1], part.response_mask
@@ -562,7 +571,7 @@ def ppo_update(policy, critic, actor_opt, critic_opt, accelerator, rollout: Roll
                     for key, value in parts.items():
                         sums[key] += value
                 critic_loss = value_loss(token_values(critic, part), rollout.old_values[rows, :width],
-                                         rollout.returns[rows, :width], m, args.value_clip, denominators[0])
+                                         rollout.returns[rows, :width], m, args.value_clip, denominators.tokens)
                 check_finite(critic_loss, "critic", step, run_dir)
                 accelerator.backward(critic_loss * per_process)
                 sums["value_loss"] += critic_loss.item()

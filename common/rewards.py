@@ -23,6 +23,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 # DAPO's extraction (verl `math_dapo.py`): only the last 300 characters, the last "Answer:" line.
 ANSWER_TAIL_CHARS = 300
@@ -63,12 +64,19 @@ def extract_boxed(text: str) -> str | None:
 def math_equal(predicted: str, gold: str) -> bool:
     """Whether two answer strings denote the same value (`"025"` = `"25"`, `"\\frac12"` = `"0.5"`)."""
     compared = _compare_in_time(predicted, gold)
-    return compared is not None and compared[1]
+    return compared is not None and compared.equal
 
 
-def _compare_in_time(predicted: str, gold: str) -> tuple[bool, bool] | None:
-    """(the prediction is a value, it equals the gold) from the checker process; None when that took more
-    than MATH_VERIFY_SECONDS."""
+class Comparison(NamedTuple):
+    """math-verify's answer about a predicted answer string: whether it reads as a value, and whether that value
+    equals the gold."""
+
+    readable: bool
+    equal: bool
+
+
+def _compare_in_time(predicted: str, gold: str) -> Comparison | None:
+    """The checker process's comparison; None when it took more than MATH_VERIFY_SECONDS."""
     return _CHECKER.compare(predicted, gold, MATH_VERIFY_SECONDS)
 
 
@@ -81,9 +89,9 @@ def check_math_answer(response: str, gold: str) -> Verdict:
         return Verdict(False, None, True)
     boxed = extract_boxed(extracted)  # "Answer: \boxed{25}"
     compared = _compare_in_time(boxed if boxed is not None else extracted, gold)
-    if compared is None or not compared[0]:
+    if compared is None or not compared.readable:
         return Verdict(False, extracted, True)
-    return Verdict(compared[1], extracted, False)
+    return Verdict(compared.equal, extracted, False)
 
 
 def extract_qwen_math_answer(text: str) -> str | None:
@@ -130,9 +138,9 @@ def check_qwen_math_answer(response: str, gold: str) -> Verdict:
     with math-verify instead of its own grader."""
     extracted = extract_qwen_math_answer(response)
     compared = _compare_in_time(extracted, gold) if extracted else None
-    if compared is None or not compared[0]:
+    if compared is None or not compared.readable:
         return Verdict(False, extracted, True)
-    return Verdict(compared[1], extracted, False)
+    return Verdict(compared.equal, extracted, False)
 
 
 _CHOICE_PATTERNS = [
@@ -162,7 +170,10 @@ def extract_choice(text: str, letters: str = "ABCDE") -> str | None:
     letter = f"[{letters}]"
     marked = [(match.start(1), match.group(1)) for marker in _OPTION_MARKERS
               for match in re.finditer(marker.format(letter=letter), tail)]
-    return max(marked)[1] if marked else None
+    if not marked:
+        return None
+    _, last_letter = max(marked)
+    return last_letter
 
 
 def check_choice(response: str, gold_letter: str, letters: str = "ABCDE") -> Verdict:
@@ -192,7 +203,7 @@ class _Checker:
         self.lock = threading.Lock()  # one reply at a time on the one pipe
         self.process: subprocess.Popen | None = None
 
-    def compare(self, predicted: str, gold: str, seconds: float) -> tuple[bool, bool] | None:
+    def compare(self, predicted: str, gold: str, seconds: float) -> Comparison | None:
         with self.lock:
             if self.process is None:
                 self.process = self._start()
@@ -206,8 +217,7 @@ class _Checker:
             if not line:
                 self.stop()
                 return None
-            readable, equal = json.loads(line)
-            return readable, equal
+            return Comparison(*json.loads(line))
 
     @staticmethod
     def _start() -> subprocess.Popen:

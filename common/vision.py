@@ -25,7 +25,7 @@ import copy
 import io
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -112,6 +112,14 @@ def load_processor(name_or_path: str):
     return processor
 
 
+class _Job(NamedTuple):
+    """One sample to generate: its prompt's index, the prompt's rendered chat template and its images."""
+
+    prompt_index: int
+    text: str
+    images: list
+
+
 class HFVisionSampler:
     """transformers `generate` on a vision-language model, chunks of `batch_size` sequences; a chunk holds
     prompts that all have an image or all have none, as a processor takes either kind of batch."""
@@ -130,8 +138,8 @@ class HFVisionSampler:
         needs none, and holding every step's scores for long responses of a large vocabulary would not fit)."""
         texts = [self.processor.apply_chat_template(list(p), tools=tools, add_generation_prompt=True, tokenize=False)
                  for p in prompts]
-        jobs = [(i, texts[i], prompt_images(p)) for i, p in enumerate(prompts) for _ in range(n)]
-        with_images, without = [j for j in jobs if j[2]], [j for j in jobs if not j[2]]
+        jobs = [_Job(i, texts[i], prompt_images(p)) for i, p in enumerate(prompts) for _ in range(n)]
+        with_images, without = [j for j in jobs if j.images], [j for j in jobs if not j.images]
         chunks = [kind[start:start + self.batch_size] for kind in (with_images, without)
                   for start in range(0, len(kind), self.batch_size)]
         device = next(self.model.parameters()).device
@@ -144,8 +152,8 @@ class HFVisionSampler:
         return sorted(samples, key=lambda sample: sample.prompt_index)  # stable: each prompt's samples in order
 
     def _generate_chunk(self, jobs, device, max_new_tokens, temperature, top_p, stop) -> list[Sample]:
-        images = [job[2] for job in jobs] if jobs[0][2] else None
-        inputs = self.processor(text=[job[1] for job in jobs], images=images, return_tensors="pt", padding=True)
+        images = [job.images for job in jobs] if jobs[0].images else None
+        inputs = self.processor(text=[job.text for job in jobs], images=images, return_tensors="pt", padding=True)
         inputs = inputs.to(device)
         greedy = temperature == 0
         # generate's default top_k=50 would change the distribution: sampling is plain temperature + top-p
@@ -154,10 +162,10 @@ class HFVisionSampler:
                                      eos_token_id=self.end_ids, pad_token_id=self.tokenizer.pad_token_id)
         generated = output[:, inputs["input_ids"].shape[1]:]
         samples = []
-        for row, (prompt_index, _, _) in enumerate(jobs):
+        for row, job in enumerate(jobs):
             prompt_ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()].tolist()
             response, finish = cut_response(generated[row].tolist(), self.end_ids, stop, self.tokenizer)
-            samples.append(Sample(prompt_index, prompt_ids, response,
+            samples.append(Sample(job.prompt_index, prompt_ids, response,
                                   self.tokenizer.decode(response, skip_special_tokens=True), finish))
         return samples
 

@@ -14,7 +14,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
 # AgentGym's TextCraft instruction (the first user turn), verbatim; Agent-R's agent answers "Ok."
@@ -75,6 +75,14 @@ class Recipe:
         """The crafting command as TextCraft shows it: "craft 16 rail using 1 stick, 6 iron ingot"."""
         inputs = ", ".join(f"{i.count} {display_name(i.name)}" for i in self.inputs)
         return f"craft {self.count} {display_name(self.output)} using {inputs}"
+
+
+class _GivenInput(NamedTuple):
+    """An input of a craft command as the server reads it (its ItemTagWithCount): an item id, or None and a tag."""
+
+    item: str | None
+    tag: str | None
+    count: int
 
 
 def display_name(item_id: str) -> str:
@@ -336,13 +344,13 @@ class TextCraft:
             wanted = 1
         output = item_id(target)
         output_is_tag = output in self.rules.tags
-        given = []  # (item id or None for a tag, tag or None, count), as the server's ItemTag objects
+        given = []
         for part in inputs_text.split(","):
             if not (match := re.match(r"([0-9]+) (.*)", part.strip())):
                 raise _ActionFailed(f"Wrong item format: {part.strip()}")
             name = item_id(match.group(2))
             count = int(match.group(1))
-            given.append((None, name, count) if name in self.rules.tags else (name, None, count))
+            given.append(_GivenInput(None, name, count) if name in self.rules.tags else _GivenInput(name, None, count))
         output_id = None if output_is_tag else output
         for name, _, count in given:
             if name is None or self.inventory.get(name, 0) < count:
@@ -360,7 +368,7 @@ class TextCraft:
         self.inventory[recipe.output] = self.inventory.get(recipe.output, 0) + recipe.count
         return f"Crafted {recipe.count} {recipe.output}", *self._goal_reached(recipe.output)
 
-    def _matching_recipe(self, output: str | None, given: list[tuple]) -> Recipe | None:
+    def _matching_recipe(self, output: str | None, given: list[_GivenInput]) -> Recipe | None:
         """The recipe of `output` whose inputs are exactly `given` (counts included); a tag input of the
         recipe is matched by the tag itself or by any item carrying it."""
         def fits(ingredient: Ingredient, item: str | None, tag: str | None) -> bool:
@@ -371,8 +379,8 @@ class TextCraft:
         for recipe in self.rules.recipes.get(output, []):
             left = list(given)
             for ingredient in recipe.inputs:
-                match = next((g for g in left if fits(ingredient, g[0], g[1])), None)
-                if match is None or match[2] != ingredient.count:
+                match = next((g for g in left if fits(ingredient, g.item, g.tag)), None)
+                if match is None or match.count != ingredient.count:
                     break
                 left.remove(match)
             else:

@@ -13,6 +13,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from agent_r import (REVISION_ACTION, REVISION_OBSERVATION, REVISION_THOUGHTS, VERIFIER_PROMPT, good_trajectory,
                      opening, training_example, training_pool, verifier_prompt)
@@ -57,6 +58,15 @@ class WarmStart:
         return config_key(dataclasses.asdict(self))
 
 
+class DemonstrationStep(NamedTuple):
+    """One step of a demonstration, as the verifier prompt asks about it."""
+
+    task: str  # the task description
+    history: list[tuple[str, str]]  # the (action, observation) steps before it
+    action: str
+    observation: str
+
+
 def warm_start(config: WarmStart) -> Path:
     """The directory of the warm-started tiny agent (and its `general.jsonl`), built if missing, cached
     by config."""
@@ -74,19 +84,22 @@ def _train_warm_start(config: WarmStart, folder: Path) -> None:
     env = TextCraft.from_source(config.recipes, config.instruction)
     rng = random.Random(config.seed)
     pool = training_pool(config.train_pool, config.held_out)
-    demonstrations, steps = [], []  # conversations; (task description, history, action, observation)
+    demonstrations, steps = [], []  # conversations; DemonstrationSteps
     for task in rng.sample(pool, min(config.demonstrations, len(pool))):
         start = opening(env, task)
-        noisy = rng.random() < config.noise
-        plan = noisy_expert(env.rules, env.goal, rng)[0] if noisy else expert_plan(env.rules, env.goal)
+        if rng.random() < config.noise:
+            plan, _ = noisy_expert(env.rules, env.goal, rng)
+        else:
+            plan = expert_plan(env.rules, env.goal)
         turns = []
         for thought, action in plan:
             observation, _, _ = env.step(react_turn(thought, action))
-            steps.append((start[2]["content"], [(action_text(r), o) for r, o in turns], action, observation))
+            steps.append(DemonstrationStep(start[2]["content"], [(action_text(r), o) for r, o in turns], action,
+                                           observation))
             turns.append((react_turn(thought, action), observation))
         demonstrations.append(good_trajectory(start, turns))
-    failed = [s for s in steps if TextCraft.is_error(s[3])]
-    worked = [s for s in steps if not TextCraft.is_error(s[3])]
+    failed = [s for s in steps if TextCraft.is_error(s.observation)]
+    worked = [s for s in steps if not TextCraft.is_error(s.observation)]
     half = config.verifier_examples // 2
     general = []
     judged = rng.sample(failed, min(half, len(failed))) + rng.sample(worked, min(half, len(worked)))

@@ -16,14 +16,24 @@ import json
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from common.tools import execute_tool, tool_error
 
+
+class Tool(NamedTuple):
+    """A synthetic tool: its parameters, the templates of the queries it answers, and the teacher's typical mistake
+    with it as (kind, detail), kind one of "tool" (a wrong tool name), "drop", "rename", "typo"; None: none."""
+
+    required: list[str]
+    optional: list[str]
+    queries: list[str]
+    mistake: tuple | None
+
+
 @dataclass(frozen=True)
 class Domain:
-    """A synthetic tool set. `tools`: name -> (required parameters, optional parameters, query templates, the
-    teacher's typical mistake with the tool); `values`: the values of each parameter, each one token of the
+    """A synthetic tool set. `tools`: name -> Tool; `values`: the values of each parameter, each one token of the
     tiny tokenizer and quoted in the queries (users paste the names and terms they ask about), so that a model
     of a million parameters learns to fill calls within minutes; `source`: the tools' Python implementation,
     run by common.tools.execute_tool in a subprocess like any real tool."""
@@ -53,22 +63,22 @@ AUTHORS = ["Tanaka", "Silva", "Martin", "Ivanov", "Rossi", "Haddad", "Kim", "Gar
 # and the executor answers with the error.
 PAPER_SEARCH = Domain(
     tools={
-        "get_paper_details": (["title"], [],
-                              ['What is "{title}" about?', 'Give me the details of "{title}".',
-                               'When was "{title}" published?'],
-                              ("tool", "get_paper_detail")),
-        "get_paper_citations": (["title"], ["limit"],
-                                ['Which papers cite "{title}"?', 'Show {limit} papers that cite "{title}".',
-                                 'Who cites "{title}"? List {limit}.'],
-                                ("drop", "title")),
-        "get_papers_by_keywords": (["query"], ["venue"],
-                                   ['Find papers on "{query}".', 'Search "{query}" papers from "{venue}".',
-                                    'Any "{venue}" work on "{query}"?'],
-                                   ("rename", {"query": "keyword"})),  # Fig. 2's sample S2
-        "get_papers_by_author": (["author"], ["venue"],
-                                 ['What has "{author}" published?', 'List papers by "{author}" at "{venue}".',
-                                  'What did "{author}" publish in "{venue}"?'],
-                                 ("typo", "author")),
+        "get_paper_details": Tool(["title"], [],
+                                  ['What is "{title}" about?', 'Give me the details of "{title}".',
+                                   'When was "{title}" published?'],
+                                  ("tool", "get_paper_detail")),
+        "get_paper_citations": Tool(["title"], ["limit"],
+                                    ['Which papers cite "{title}"?', 'Show {limit} papers that cite "{title}".',
+                                     'Who cites "{title}"? List {limit}.'],
+                                    ("drop", "title")),
+        "get_papers_by_keywords": Tool(["query"], ["venue"],
+                                       ['Find papers on "{query}".', 'Search "{query}" papers from "{venue}".',
+                                        'Any "{venue}" work on "{query}"?'],
+                                       ("rename", {"query": "keyword"})),  # Fig. 2's sample S2
+        "get_papers_by_author": Tool(["author"], ["venue"],
+                                     ['What has "{author}" published?', 'List papers by "{author}" at "{venue}".',
+                                      'What did "{author}" publish in "{venue}"?'],
+                                     ("typo", "author")),
     },
     values={
         "title": PAPERS, "limit": list(range(2, 10)), "author": AUTHORS,
@@ -112,17 +122,21 @@ def get_papers_by_author(author, venue=None):
 ''',
 )
 
-# Another domain, only for pretraining the tiny base model (tasks/tiny_tool_use.py): clean calls, no tool list shown.
+# Another domain, only for pretraining the tiny base model (tasks/tiny_tool_use.py): clean calls, no tool list
+# shown.
 TRAVEL = Domain(
     tools={
-        "get_weather_today": (["city"], [], ['What is the weather in "{city}" today?', 'Is it raining in "{city}"?',
-                                             'How hot is "{city}" right now?'], None),
-        "get_weather_forecast": (["city"], ["days"], ['Forecast for "{city}".', 'Weather in "{city}" for {days} days?',
-                                                      'Give me a {days} day forecast for "{city}".'], None),
-        "find_flights_to": (["city"], ["airline"], ['Find flights to "{city}".', 'Any "{airline}" flights to "{city}"?',
-                                                    'Book a "{airline}" flight to "{city}".'], None),
-        "find_hotels_in": (["city"], ["stars"], ['Find a hotel in "{city}".', 'I need a {stars} star hotel in "{city}".',
-                                                 'Any {stars} star hotels in "{city}"?'], None),
+        "get_weather_today": Tool(["city"], [], ['What is the weather in "{city}" today?',
+                                                 'Is it raining in "{city}"?', 'How hot is "{city}" right now?'], None),
+        "get_weather_forecast": Tool(["city"], ["days"], ['Forecast for "{city}".',
+                                                          'Weather in "{city}" for {days} days?',
+                                                          'Give me a {days} day forecast for "{city}".'], None),
+        "find_flights_to": Tool(["city"], ["airline"], ['Find flights to "{city}".',
+                                                        'Any "{airline}" flights to "{city}"?',
+                                                        'Book a "{airline}" flight to "{city}".'], None),
+        "find_hotels_in": Tool(["city"], ["stars"], ['Find a hotel in "{city}".',
+                                                     'I need a {stars} star hotel in "{city}".',
+                                                     'Any {stars} star hotels in "{city}"?'], None),
     },
     values={
         "city": ["Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Delhi", "Rome", "Seoul", "Dakar", "Quito", "Hanoi",
@@ -155,7 +169,7 @@ class ToolUseTask:
         return template.format(**values), {"name": name, "arguments": arguments}
 
     def mistake(self, gold: dict, rng: random.Random) -> dict:
-        kind, detail = self.domain.tools[gold["name"]][3]
+        kind, detail = self.domain.tools[gold["name"]].mistake
         arguments = dict(gold["arguments"])
         if kind == "tool":
             return {"name": detail, "arguments": arguments}
@@ -292,7 +306,7 @@ def copying_drill(domain: Domain, tokenizer) -> Domain:
     induction-style circuit), which its 20 values per parameter never teach."""
     scaffolding = set()
     for d in (PAPER_SEARCH, TRAVEL):
-        texts = [d.system_prompt, SIGNATURES_CHAT_TEMPLATE] + [t for tool in d.tools.values() for t in tool[2]]
+        texts = [d.system_prompt, SIGNATURES_CHAT_TEMPLATE] + [q for tool in d.tools.values() for q in tool.queries]
         for text in texts + [json.dumps(schema) for schema in d.schemas()]:
             scaffolding |= set(tokenizer.convert_ids_to_tokens(tokenizer(text)["input_ids"]))
 

@@ -8,8 +8,8 @@ import torch
 
 from common.distributed import explained_variance
 from common.sampling import micro_batches
-from vapo import (actor_loss, advantages_and_returns, aggregate, clipped_policy_loss, critic_lambda, gae,
-                  leave_one_out_baseline, length_adaptive_lambda, loss_denominators, minibatch_rows, policy_lambda,
+from vapo import (Denominators, actor_loss, advantages_and_returns, aggregate, clipped_policy_loss, critic_lambda,
+                  gae, leave_one_out_baseline, length_adaptive_lambda, loss_denominators, minibatch_rows, policy_lambda,
                   positive_nll_loss, token_rewards, value_loss, whiten)
 
 
@@ -316,7 +316,7 @@ def test_whiten_scales_as_well_as_centres():
 
 def test_loss_denominators_count_the_minibatch():
     mask, _, correct = two_responses()
-    assert loss_denominators(mask, correct) == [8.0, 2.0, 3.0]  # tokens, samples, tokens of correct samples
+    assert loss_denominators(mask, correct) == Denominators(tokens=8.0, samples=2.0, correct_tokens=3.0)
 
 
 def test_actor_loss_by_hand():

@@ -55,7 +55,8 @@ class Args:
     given explicitly wins."""
     model: str = "meta-llama/Llama-3.1-8B-Instruct"
     """the agent, which is also its own verifier: a hub id, a local directory, or "tiny-textcraft" (the
-    warm-started tiny CPU agent, built and cached on first use). Agent-R §4: Llama-3.1-8B-Instruct."""
+    warm-started tiny CPU agent shipped in models/tiny-textcraft; see tasks/tiny_textcraft.py). Agent-R §4:
+    Llama-3.1-8B-Instruct."""
     recipes: str = "synthetic"
     """TextCraft's recipe folder (AgentGym's agentenv_textcraft/recipes; the shared data folder
     textcraft/recipes holds a copy), or "synthetic" (the small world of the CPU default)."""
@@ -737,14 +738,20 @@ def evaluate(agent: Agent, make_env, tasks: Sequence[int], max_steps: int, tempe
 
 
 def resolve_model(args: Args) -> str:
-    if args.model == "tiny-textcraft":
-        from tasks.tiny_textcraft import WarmStart, warm_start  # its builder imports this file
+    """A hub id or a directory as given. "tiny-textcraft": the tiny agent shipped in models/, made for the CPU
+    default's world and held-out tasks; for another world or held-out split, one made for it and cached."""
+    if args.model != "tiny-textcraft":
+        return args.model
+    from common.cache import CACHE_DIR, shipped_model
+    from tasks.tiny_textcraft import WarmStart, warm_start  # its builder imports this file
 
-        # only held-out indices inside the pool change the demonstrations (and so the cache key)
-        held_out = tuple(task for task in args.eval_tasks if task < args.train_pool)
-        return str(warm_start(WarmStart(recipes=args.recipes, instruction=args.instruction or TEXTCRAFT_INSTRUCTION,
-                                        held_out=held_out, train_pool=args.train_pool)))
-    return args.model
+    # only held-out indices inside the pool change the demonstrations (and so the build)
+    held_out = tuple(task for task in args.eval_tasks if task < args.train_pool)
+    config = WarmStart(recipes=args.recipes, instruction=args.instruction or TEXTCRAFT_INSTRUCTION, held_out=held_out,
+                       train_pool=args.train_pool)
+    if config == WarmStart():
+        return shipped_model("tiny-textcraft")
+    return str(warm_start(config, CACHE_DIR / f"tiny-textcraft-{config.key()}"))
 
 
 def resolve_general_data(args: Args, model_path: str) -> str | None:

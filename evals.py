@@ -70,7 +70,7 @@ class Args:
     model: str = "tiny-random"
     """hub id or local directory (e.g. a vapo.py checkpoint, runs/vapo/checkpoint-NNNNNN/policy);
     "tiny-random": a randomly initialised tiny Qwen2 (built in seconds, cached in .cache/);
-    "tiny-arithmetic": the warm-started tiny model vapo.py starts from (built on first use, cached);
+    "tiny-arithmetic": the warm-started tiny model vapo.py starts from (shipped in models/);
     "tiny-vlm": a randomly initialised tiny vision-language model (Idefics3), for RoR-Bench's image problems.
     A checkpoint whose config has a vision tower is loaded as a vision-language model (processor and chat
     template from the checkpoint)."""
@@ -795,16 +795,17 @@ def load_sampler(model: str, backend: str, dtype: str, batch_size: int, tensor_p
 
 
 def resolve_model(name: str) -> str:
-    """The directory of the tiny CPU models, built on first use; any other name is returned as is."""
-    from tasks.arithmetic import tiny_corpus, warm_start
+    """The directory of the tiny CPU models: the shipped warm start, or random ones built on first use and
+    cached; any other name is returned as is."""
+    from common.cache import CACHE_DIR, build_once, shipped_model
 
     if name == "tiny-arithmetic":
-        return str(warm_start())
+        return shipped_model(name)
     if name not in ("tiny-random", "tiny-vlm"):
         return name
-    from common.cache import CACHE_DIR, build_once
     from common.models import build_tiny_model
     from common.vision import build_tiny_vlm
+    from tasks.arithmetic import tiny_corpus
 
     build = build_tiny_model if name == "tiny-random" else build_tiny_vlm
     return str(build_once(CACHE_DIR / name, lambda folder: build(folder, tiny_corpus())))

@@ -60,8 +60,9 @@ class Args:
     masked data and stops; `--stages irm` starts PPO from --model."""
     model: str = "Qwen/Qwen2.5-7B"
     """base model: a hub id, a local directory, or "tiny-tool-use" (a tiny Qwen2 pretrained on another tool
-    domain, built once and cached; see tasks/tiny_tool_use.py). The paper fine-tunes CodeLlama-7b-hf, whose tokenizer has no
-    chat template for tools; Qwen2.5-7B is the base model of the same size whose template renders `tools=`."""
+    domain, shipped in models/tiny-tool-use; see tasks/tiny_tool_use.py). The paper fine-tunes CodeLlama-7b-hf,
+    whose tokenizer has no chat template for tools; Qwen2.5-7B is the base model of the same size whose template
+    renders `tools=`."""
     data: str = "synthetic-tool-use"
     """training trajectories: a hub id or a local .json/.jsonl/.parquet in the official raw format
     ({"id", "conversations": [system/user/assistant/function messages]}) or the OpenAI format
@@ -700,12 +701,10 @@ def load_conversations(source: str, split: str, args: Args) -> list[dict]:
 
 
 def resolve_model(args: Args) -> str:
-    """A hub id or a directory as given; "tiny-tool-use" is the cached tiny base model."""
-    if args.model != "tiny-tool-use":
-        return args.model
-    from tasks.tiny_tool_use import tiny_base  # its builder imports this file
+    """A hub id or a directory as given; "tiny-tool-use" is the tiny base model shipped in models/."""
+    from common.cache import shipped_model
 
-    return tiny_base(args)
+    return shipped_model(args.model) if args.model == "tiny-tool-use" else args.model
 
 
 def require_chat_template(tokenizer, name: str) -> None:

@@ -50,8 +50,8 @@ class Args:
     """"vapo": all seven techniques; "vanilla-ppo": all seven off (VAPO §5.1's baseline). Applied after
     --scale; any flag given explicitly wins."""
     model: str = "Qwen/Qwen2.5-32B"
-    """policy: a hub id, a local directory, or "tiny-arithmetic" (the warm-started tiny CPU model, built
-    and cached on first use). VAPO §5.1: Qwen2.5-32B base."""
+    """policy: a hub id, a local directory, or "tiny-arithmetic" (the warm-started tiny CPU model shipped in
+    models/tiny-arithmetic). VAPO §5.1: Qwen2.5-32B base."""
     value_model: str | None = None
     """critic initialisation: a reward model or any checkpoint (hub id or directory); default: the policy's
     weights with a fresh value head. VAPO §5.1 initialises the critic from a reward model."""
@@ -474,11 +474,10 @@ def load_prompts(source: str, split: str) -> list[dict]:
 
 
 def resolve_model(name: str) -> str:
-    if name == "tiny-arithmetic":
-        from tasks.arithmetic import warm_start
+    """A hub id or a directory as given; "tiny-arithmetic" is the warm-started tiny model shipped in models/."""
+    from common.cache import shipped_model
 
-        return str(warm_start())
-    return name
+    return shipped_model(name) if name == "tiny-arithmetic" else name
 
 
 def evaluation_seed(seed: int, step: int) -> int:

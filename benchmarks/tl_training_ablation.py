@@ -53,7 +53,7 @@ class Args:
     """rows of the table to run (names as in the table), or "all" for the paper's eight rows."""
     seeds: int = 3
     """seeds per row (seeds 1, 2, ...): each seed draws its own synthetic data, batch order and PPO samples; every
-    run starts from the same cached base model."""
+    run starts from the same shipped base model."""
     extra: list[str] = field(default_factory=list)
     """flags passed to every run, e.g. --extra --sft-epochs 2."""
     out_dir: str = "runs/tl_training_ablation"
@@ -116,7 +116,7 @@ def write_outputs(results: dict, out: Path, seeds: int) -> None:
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | **{cells[2]}** | {per_seed} | {' / '.join(map(str, alpaca))} | "
                      f"{' / '.join(map(str, rotbench))} | {statistics.mean(r['seconds']):.0f} s | `{r['command']}` |")
     lines.append(f"\nHeld-out greedy accuracy (%), mean ± std over {seeds} seeds (--seed 1..{seeds}); each seed "
-                 f"has its own synthetic data, batch order and PPO samples, from the same cached base model.")
+                 f"has its own synthetic data, batch order and PPO samples, from the same shipped base model.")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     fig = Figure(figsize=(9, 4))

@@ -97,7 +97,7 @@ def commit() -> str:
 
 def main(args: Args) -> None:
     out = Path(args.out_dir)
-    # a table of recorded runs needs neither this machine's warm start nor its fingerprint
+    # a table of recorded runs needs neither the base model nor its fingerprint
     recorded_runs = json.loads(Path(args.results).read_text())["runs"] if args.recorded_only else None
     base = None if args.recorded_only else base_fingerprint(args.extra)
     results = {}

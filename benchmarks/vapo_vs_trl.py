@@ -346,7 +346,6 @@ def main(args: Args) -> None:
         if missing:
             raise SystemExit(f"no finished run of {', '.join(missing)} in {out}; run them or leave them out of --systems")
     else:
-        vapo.resolve_model("tiny-arithmetic")  # build the shared warm start once, before any timing
         runs = []
         for seed in args.seeds:
             for system in args.systems:

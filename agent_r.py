@@ -68,6 +68,9 @@ class Args:
     the checkpoints go here."""
     resume: bool = False
     """continue from the last checkpoint in --run-dir (same Args); saved trees and trajectories are reused."""
+    report_to: tuple[str, ...] = ()
+    """experiment trackers beside metrics.jsonl and the PNG, any of accelerate's: tensorboard, wandb, trackio, mlflow, ...
+    (their package installed); e.g. --report-to tensorboard writes under --run-dir."""
     seed: int = 1
     backend: Literal["hf", "vllm"] = "hf"
     """sampler for search, critique and evaluation: transformers `generate` (anywhere) or vLLM (GPU; the
@@ -826,11 +829,11 @@ def train(args: Args) -> Path:
     from common.models import load_policy
     from common.sampling import HFSampler, VLLMSampler
     from common.sft import sft_train
-    from common.tracking import RunLog
+    from common.tracking import RunLog, experiment_trackers
 
-    accelerator = Accelerator()
-    set_seed(args.seed)
     run_dir = Path(args.run_dir)
+    accelerator = Accelerator(log_with=experiment_trackers(args.report_to), project_dir=run_dir)
+    set_seed(args.seed)
     checkpoint = latest_checkpoint(run_dir) if args.resume else None
     if args.resume and checkpoint is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}; run once without --resume first")
@@ -858,7 +861,8 @@ def train(args: Args) -> Path:
     agent = Agent(sampler, args.max_new_tokens, args.verifier_max_new_tokens)
     general_data = resolve_general_data(args, model_path)
     general = load_general_chats(general_data) if general_data else []
-    log = RunLog(run_dir, resume_step=done_iterations if checkpoint else None, is_main=accelerator.is_main_process)
+    log = RunLog(run_dir, resume_step=done_iterations if checkpoint else None, accelerator=accelerator,
+                 project="agent_r", config=args)
     plotted = ["eval/success_rate", "eval/recovery_rate", "data/first_bad_step", "eval/repeated_actions",
                "eval/loop_share", "eval/recovery_revision_turns", "eval/revision_logprob", "search/success_share",
                "data/detected_share", "data/revision_trajectories", "data/good_trajectories", "sft/loss_last",
@@ -953,6 +957,7 @@ def train(args: Args) -> Path:
         shown = ("eval/", "data/first", "search/success")
         accelerator.print(f"iteration {iteration}: " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items()
                                                                if k.startswith(shown)))
+    log.close()
     return run_dir
 
 

@@ -73,6 +73,9 @@ class Args:
     """each stage writes into its own folder here (mae/, sft/, irm/): metrics, curves, checkpoints, model."""
     resume: bool = False
     """skip the stages that finished and continue the interrupted one from its last checkpoint."""
+    report_to: tuple[str, ...] = ()
+    """experiment trackers beside metrics.jsonl and the PNG, any of accelerate's: tensorboard, wandb, trackio, mlflow, ...
+    (their package installed); e.g. --report-to tensorboard writes under --run-dir."""
     seed: int = 1234
     """code/irm/RL_run.sh: --seed 1234."""
     dtype: str = "bfloat16"
@@ -819,10 +822,10 @@ def run_sft(args: Args, stage_dir: Path, base_model: str, conversations: Sequenc
     from common.checkpoint import check_finite, latest_checkpoint, load_checkpoint, save_checkpoint
     from common.models import load_policy
     from common.sft import IGNORE_INDEX, pad_right
-    from common.tracking import RunLog
+    from common.tracking import RunLog, experiment_trackers
 
     checkpoint = latest_checkpoint(stage_dir) if args.resume else None
-    accelerator = Accelerator()
+    accelerator = Accelerator(log_with=experiment_trackers(args.report_to), project_dir=stage_dir)
     if args.sft_batch_size % accelerator.num_processes:
         raise ValueError(f"--sft-batch-size {args.sft_batch_size} is not a multiple of the number of processes "
                          f"({accelerator.num_processes}): every process takes an equal share of each batch")
@@ -851,7 +854,8 @@ def run_sft(args: Args, stage_dir: Path, base_model: str, conversations: Sequenc
                                   weight_decay=args.sft_weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     start = load_checkpoint(accelerator, checkpoint)["step"] if checkpoint else 0
-    log = RunLog(stage_dir, resume_step=start if checkpoint else None, is_main=accelerator.is_main_process)
+    log = RunLog(stage_dir, resume_step=start if checkpoint else None, accelerator=accelerator,
+                 project=f"tl_training-{stage_dir.name}", config=args)
     if start == 0:
         accelerator.print(f"SFT: {len(examples)} conversations ({skipped['too_long']} longer than --max-length and "
                           f"{skipped['nothing_trained']} with no trained turn skipped), {steps} steps, "
@@ -893,6 +897,7 @@ def run_sft(args: Args, stage_dir: Path, base_model: str, conversations: Sequenc
     model.eval()
     evaluation = evaluate(model, tokenizer, eval_targets, args.max_new_tokens, accelerator)
     log.metrics(steps, evaluation)
+    log.close()
     return save_final(accelerator, model, tokenizer, stage_dir, evaluation), evaluation
 
 
@@ -1009,12 +1014,12 @@ def run_irm(args: Args, stage_dir: Path, sft_model: str, targets: Sequence[dict]
     from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from common.distributed import explained_variance, shard, sum_over_ranks
     from common.sampling import HFSampler, collate, encode_prompt
-    from common.tracking import RunLog
+    from common.tracking import RunLog, experiment_trackers
 
     if not targets:
         raise ValueError("IRM has no prompts: no training conversation has a correct single tool call")
     checkpoint = latest_checkpoint(stage_dir) if args.resume else None
-    accelerator = Accelerator()
+    accelerator = Accelerator(log_with=experiment_trackers(args.report_to), project_dir=stage_dir)
     if args.rollout_batch_size % accelerator.num_processes:
         raise ValueError(f"--rollout-batch-size {args.rollout_batch_size} is not a multiple of the number of "
                          f"processes ({accelerator.num_processes}): every process takes an equal share")
@@ -1033,7 +1038,8 @@ def run_irm(args: Args, stage_dir: Path, sft_model: str, targets: Sequence[dict]
         shuffle.shuffle(epoch)
         order += epoch
     sampler = HFSampler(policy, tokenizer)
-    log = RunLog(stage_dir, resume_step=start if checkpoint else None, is_main=accelerator.is_main_process)
+    log = RunLog(stage_dir, resume_step=start if checkpoint else None, accelerator=accelerator,
+                 project=f"tl_training-{stage_dir.name}", config=args)
     plotted = ["eval/accuracy", "eval/tool_selection", "eval/parameter_identification", "reward/mean",
                "rollout/correct", "policy/kl_to_sft", "policy/approx_kl", "policy/clipfrac", "policy/entropy",
                "value/loss", "value/explained_variance", "response/length_mean"]
@@ -1104,6 +1110,7 @@ def run_irm(args: Args, stage_dir: Path, sft_model: str, targets: Sequence[dict]
                                f"-> {example['response']!r}")
     if evaluation is None:  # resumed at the last step
         evaluation = evaluate(policy, tokenizer, eval_targets, args.max_new_tokens, accelerator)
+    log.close()
     return save_final(accelerator, policy, tokenizer, stage_dir, evaluation), evaluation
 
 

@@ -64,6 +64,9 @@ class Args:
     """metrics.jsonl, samples.jsonl, curves.png and checkpoints go here."""
     resume: bool = False
     """continue from the last checkpoint in --run-dir (same Args)."""
+    report_to: tuple[str, ...] = ()
+    """experiment trackers beside metrics.jsonl and the PNG, any of accelerate's: tensorboard, wandb, trackio, mlflow, ...
+    (their package installed); e.g. --report-to tensorboard writes under --run-dir."""
     seed: int = 1
     backend: Literal["hf", "vllm"] = "hf"
     """rollout sampler: transformers `generate` (anywhere) or vLLM (GPU, `pip install -r requirements-gpu.txt`)."""
@@ -611,14 +614,15 @@ def train(args: Args) -> Path:
     from common.distributed import explained_variance, largest, shard, sum_over_ranks
     from common.rewards import check_math_answer
     from common.sampling import HFSampler, VLLMSampler, collate, encode_prompt
-    from common.tracking import RunLog
+    from common.tracking import RunLog, experiment_trackers
 
     # schedulers step once per rollout, whatever the number of processes (accelerate's default would step
     # them once per process)
-    accelerator = Accelerator(step_scheduler_with_optimizer=False)
+    run_dir = Path(args.run_dir)
+    accelerator = Accelerator(step_scheduler_with_optimizer=False, log_with=experiment_trackers(args.report_to),
+                              project_dir=run_dir)
     check_process_count(args, accelerator.num_processes)
     set_seed(args.seed, device_specific=True)
-    run_dir = Path(args.run_dir)
     checkpoint = latest_checkpoint(run_dir) if args.resume else None
     if args.resume and checkpoint is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}; run once without --resume first")
@@ -650,7 +654,8 @@ def train(args: Args) -> Path:
                               dtype=args.dtype)
     else:
         sampler = HFSampler(policy, tokenizer)
-    log = RunLog(run_dir, resume_step=start_step if checkpoint else None, is_main=accelerator.is_main_process)
+    log = RunLog(run_dir, resume_step=start_step if checkpoint else None, accelerator=accelerator, project="vapo",
+                 config=args)
     plotted = ["eval/accuracy", "reward/accuracy", "reward/mean", "response/length_mean", "value/explained_variance",
                "value/group_baseline_explained_variance", "value/loss", "policy/clipfrac_high", "policy/clipfrac_low",
                "policy/approx_kl", "policy/entropy", "policy/nll_loss", "response/truncated_frac",
@@ -780,6 +785,7 @@ def train(args: Args) -> Path:
                      marks={args.value_pretrain_steps: "value pretraining ends"} if args.value_pretrain_steps else None)
             for example in examples:
                 progress.write(f"[step {done}] reward {example['reward']:+.0f} | {example['prompt']!r} -> {example['completion']!r}")
+    log.close()
     return run_dir
 
 

@@ -22,6 +22,9 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+from transformers.utils import logging as transformers_logging
+
+from common.distributed import rank
 
 # Qwen2.5-Instruct's chat template, verbatim (tokenizer_config.json of the Qwen2.5 instruct models),
 # tools and tool calls included. The tiny tokenizer uses it so that chat formatting, tool calls and
@@ -160,9 +163,19 @@ def load_value_model(
         config.num_labels = 1
         config.classifier_dropout = 0.0
         config.problem_type = "regression"
-        model = AutoModelForTokenClassification.from_pretrained(name_or_path, config=config, dtype=_dtype(dtype))
+        # transformers reports the new head as a table of MISSING keys; one line below says the same
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()
+        try:
+            model, loading = AutoModelForTokenClassification.from_pretrained(
+                name_or_path, config=config, dtype=_dtype(dtype), output_loading_info=True)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
     except OSError as error:
         raise _not_found(name_or_path, "value model", error) from error
+    if loading["missing_keys"] and rank() == 0:
+        print(f"value model from {name_or_path}: {', '.join(sorted(loading['missing_keys']))} newly initialised "
+              "(a policy checkpoint has no value head; a reward model's loads)")
     _configure(model, gradient_checkpointing, device)
     return model
 

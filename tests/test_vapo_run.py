@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 import vapo
 from common.sampling import HFSampler
+from tests.test_tracking import tensorboard_scalars
 
 
 def tiny_args(model_dir, run_dir, *extra):
@@ -25,9 +26,11 @@ def weights(directory):
 
 @pytest.mark.slow
 def test_short_run_trains_both_models_and_writes_metrics_plot_checkpoints(tiny_model_dir, tmp_path):
-    run_dir = vapo.train(tiny_args(tiny_model_dir, tmp_path / "run"))
+    run_dir = vapo.train(tiny_args(tiny_model_dir, tmp_path / "run", "--report-to", "tensorboard"))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    scalars = tensorboard_scalars(run_dir / "vapo")
+    assert scalars["reward/mean"] == [(r["step"], pytest.approx(r["reward/mean"])) for r in rows if "reward/mean" in r]
     assert rows[1]["phase"] == "value_pretrain" and rows[2]["phase"] == "rl"
     for key in ("reward/mean", "value/loss", "value/explained_variance", "value/group_baseline_explained_variance",
                 "response/length_mean", "time/generate_s", "perf/padding_efficiency"):

@@ -117,9 +117,10 @@ class Args:
     """RL_run.sh: --critic_learning_rate 1e-7, cosine schedule."""
     ppo_warmup_steps: int = 100
     """DeepSpeed-Chat's default --num_warmup_steps 100."""
-    kl_coef: float = 0.3
-    """β of the KL penalty to the SFT model (Fig. 2 objective). RL_run.sh passes --kl_ctl 0.3, which the
-    official trainer ignores (it hard-codes 0.4); here the flag is used."""
+    kl_coef: float = 0.4
+    """β of the KL penalty to the SFT model, per response token (Fig. 2 objective, which gives no value). 0.4 is
+    what the official run used: RL_run.sh passes --kl_ctl 0.3, but the trainer never reads that flag and
+    hard-codes 0.4, so the published model was trained with 0.4. Here the flag is used."""
     gamma: float = 1.0
     """GAE discount (ppo_trainer.py: 1.0)."""
     lam: float = 0.95

@@ -355,6 +355,14 @@ def verifier_prompt(task: str, history: Sequence[tuple[str, str]], action: str, 
     return VERIFIER_PROMPT.format(task=task, history=lines, action=action, observation=observation)
 
 
+def step_prompt(task: str, path: Sequence[Node], step: int) -> str:
+    """The verifier's question about step `step` (0-based) of a bad path (§3.2, Table 4; official
+    `revise_worst_path`): the steps before it are the history log, the step itself is the current action and
+    observation."""
+    return verifier_prompt(task, [(n.action, n.observation) for n in path[:step]], path[step].action,
+                           path[step].observation)
+
+
 def parse_judgment(text: str) -> str | None:
     """"good", "bad" or "uncertain" from the verifier's answer, or None when it gives no label.
 
@@ -429,6 +437,14 @@ def loss_mask(messages: Sequence[dict]) -> list[bool]:
     """Which messages carry loss (§3.3, Eq. 1): the assistant turns flagged "loss". For a revision
     trajectory that is the revision turn and the good continuation, never the bad prefix."""
     return [m["role"] == "assistant" and bool(m.get("loss", False)) for m in messages]
+
+
+def phase_two_data(agent_data: Sequence[list[dict]], general: Sequence[list[dict]], eta: float,
+                   seed: int) -> list[list[dict]]:
+    """Phase II's conversations (§3.3; issue #8): every agent trajectory, and general chats at η per agent
+    trajectory, round(η·|agent data|) of them drawn without replacement (all of them when there are fewer)."""
+    count = min(len(general), round(eta * len(agent_data)))
+    return list(agent_data) + random.Random(seed).sample(list(general), count)
 
 
 def training_example(tokenizer, messages: Sequence[dict]) -> dict:
@@ -572,6 +588,14 @@ def expand(nodes: Sequence[Node], tasks: Sequence[int], starts: Sequence[list[di
                 backup(child, child.reward)
 
 
+def advance_descents(cursors: dict[int, Node], c: float, rng: random.Random) -> dict[int, Node]:
+    """One wave's step down (§3.1; official `ExtendedMCTS.search`): each descent continues by UCT from the
+    node it has just expanded, not from the root, to the next node to expand; a descent that reaches a
+    terminal node (or an exhausted subtree) is over and leaves the dict."""
+    return {i: leaf for i, node in cursors.items()
+            if (leaf := descend(node, c, rng)) is not None and not leaf.terminal}
+
+
 def search(roots: Sequence[Node], tasks: Sequence[int], starts: Sequence[list[dict]], agent: Agent, make_env,
            iterations: int, num_generate: int, max_depth: int, c: float, temperature: float, seed: int) -> None:
     """MCTS on several tasks at once (§3.1; official `ExtendedMCTS.search`). Each iteration descends from
@@ -587,8 +611,7 @@ def search(roots: Sequence[Node], tasks: Sequence[int], starts: Sequence[list[di
             expand([current[i] for i in to_expand], [tasks[i] for i in to_expand], [starts[i] for i in to_expand],
                    agent, make_env, num_generate, max_depth, temperature, seed + 7919 * iteration + wave)
             wave += 1
-            current = {i: leaf for i, node in current.items()
-                       if (leaf := descend(node, c, rng)) is not None and not leaf.terminal}
+            current = advance_descents(current, c, rng)
 
 
 class StepVerdict(NamedTuple):
@@ -628,8 +651,7 @@ def critique_and_splice(roots: Sequence[Node], tasks: Sequence[int], starts: Seq
         pending, step = list(walks), 0
         while pending:
             asked = list({id(bad[step]): (k, bad) for k, bad in pending if bad[step] not in verdicts}.values())
-            prompts = [verifier_prompt(starts[k][2]["content"], [(n.action, n.observation) for n in bad[:step]],
-                                       bad[step].action, bad[step].observation) for k, bad in asked]
+            prompts = [step_prompt(starts[k][2]["content"], bad, step) for k, bad in asked]
             for (k, bad), answer in zip(asked, agent.verify(prompts, verifier_temperature, seed + step)):
                 verdicts[bad[step]] = StepVerdict(answer, parse_judgment(answer))
             pending = [(k, bad) for k, bad in pending if verdicts[bad[step]].judgment != "bad" and step + 1 < len(bad)]
@@ -637,21 +659,25 @@ def critique_and_splice(roots: Sequence[Node], tasks: Sequence[int], starts: Seq
 
     revision_records = []
     for k, good, bad in chosen:
-        if transition == "model":
-            walked = [verdicts[n] for n in bad if n in verdicts]
-            walked = walked[: first_bad_step([j for _, j in walked]) + 1]
-            t_prime = first_bad_step([j for _, j in walked])
-        else:
-            walked, t_prime = [], len(bad) - 1
-        messages = revision_trajectory(starts[k], [(n.response, n.observation) for n in bad[: t_prime + 1]],
-                                       [(n.response, n.observation) for n in good], rng.choice(thoughts))
-        revision_records.append({
-            "task": tasks[k], "messages": messages, "first_bad_step": t_prime + 1, "bad_length": len(bad),
-            "detected": any(j == "bad" for _, j in walked),
-            "verifier": [{"action": n.action, "observation": n.observation, "answer": a, "judgment": j}
-                         for n, (a, j) in zip(bad, walked)],
-        })
+        walked = [verdicts[n] for n in bad if n in verdicts]  # empty with transition "end"
+        revision_records.append({"task": tasks[k]} | splice_pair(starts[k], good, bad, walked, rng.choice(thoughts)))
     return revision_records, good_records
+
+
+def splice_pair(start: Sequence[dict], good: Sequence[Node], bad: Sequence[Node], walked: Sequence[StepVerdict],
+                thought: str) -> dict:
+    """One (good, bad) pair's revision trajectory (§3.2, Fig. 2): t' is the first step of the verifier's walk
+    judged Bad, or the bad path's last step when none is or nothing was walked (Direct-Revision); the bad
+    prefix keeps t' itself, and `revision_trajectory` continues with the good path. `walked`: the verdicts on
+    the bad path's steps in order, as far as the verifier was asked."""
+    walked = list(walked[: first_bad_step([v.judgment for v in walked]) + 1])
+    t_prime = first_bad_step([v.judgment for v in walked]) if walked else len(bad) - 1
+    messages = revision_trajectory(start, [(n.response, n.observation) for n in bad[: t_prime + 1]],
+                                   [(n.response, n.observation) for n in good], thought)
+    return {"messages": messages, "first_bad_step": t_prime + 1, "bad_length": len(bad),
+            "detected": any(v.judgment == "bad" for v in walked),
+            "verifier": [{"action": n.action, "observation": n.observation, "answer": v.answer, "judgment": v.judgment}
+                         for n, v in zip(bad, walked)]}
 
 
 def revision_logprob(model, tokenizer, conversations: Sequence[list[dict]], thoughts: Sequence[str],
@@ -913,8 +939,7 @@ def train(args: Args) -> Path:
         if not agent_data:
             raise RuntimeError(f"iteration {iteration}: the search found no successful trajectory on {len(tasks)} "
                                f"tasks, so there is nothing to train on; raise --mcts-iterations or --num-generate")
-        mixed = [r["messages"] for r in agent_data]
-        mixed += random.Random(seed).sample(general, min(len(general), round(args.eta * len(agent_data))))
+        mixed = phase_two_data([r["messages"] for r in agent_data], general, args.eta, seed)
         examples = [training_example(tokenizer, m) for m in mixed]
         steps = max(1, math.ceil(args.epochs * len(examples) / args.batch_size))
         try:

@@ -8,8 +8,9 @@ import pytest
 
 import agent_r
 from agent_r import (
-    Node, backup, critique_and_splice, descend, first_bad_step, leaf_paths, loss_mask, pair_paths, parse_judgment,
-    revision_trajectory, search, training_example, uct_score, uct_select, verifier_prompt,
+    Node, StepVerdict, advance_descents, backup, critique_and_splice, descend, first_bad_step, leaf_paths, loss_mask,
+    pair_paths, parse_judgment, phase_two_data, revision_trajectory, search, splice_pair, step_prompt, training_example,
+    uct_score, uct_select, verifier_prompt,
 )
 from tasks.textcraft import RecipeError, TextCraft, expert_plan, item_id, noisy_expert, react_turn
 
@@ -179,6 +180,57 @@ def test_backup_adds_the_reward_to_the_whole_path_and_closes_exhausted_subtrees(
     assert leaf_paths(root) == [[c, leaf]]
 
 
+def test_descents_follow_uct_and_backups_count_visits_as_worked_by_hand():
+    """root -> a -> {a1 (terminal), a2 -> {a2x (terminal), a2y}, a3}, root -> b -> {b1 (terminal), b2}, with the
+    visits and values two earlier backups left (a1: reward 1, a2x and b1: reward 0)."""
+    root = Node(visits=3, value=1.0)
+    a = Node("a", depth=1, visits=2, value=1.0, parent=root)
+    b = Node("b", depth=1, visits=1, value=0.0, parent=root)
+    a1 = Node("a1", depth=2, terminal=True, visits=1, value=1.0, parent=a)
+    a2 = Node("a2", depth=2, visits=1, value=0.0, parent=a)
+    a3 = Node("a3", depth=2, parent=a)
+    a2x = Node("a2x", depth=3, terminal=True, visits=1, value=0.0, parent=a2)
+    a2y = Node("a2y", depth=3, parent=a2)
+    b1 = Node("b1", depth=2, terminal=True, visits=1, value=0.0, parent=b)
+    b2 = Node("b2", depth=2, parent=b)
+    root.children, a.children, a2.children, b.children = [a, b], [a1, a2, a3], [a2x, a2y], [b1, b2]
+    rng = random.Random(0)
+    # root: a = 1/2 + 0.25·sqrt(ln 3 / 2) = 0.685, b = 0 + 0.25·sqrt(ln 3) = 0.262; at a, a3 is unvisited
+    assert descend(root, 0.25, rng) is a3
+    # a3 expands into one terminal child of reward 1: a3 1/1, a 3/2, root 4/2
+    leaf = Node("a3x", reward=1.0, depth=3, terminal=True, parent=a3)
+    a3.children = [leaf]
+    backup(leaf, 1.0)
+    assert [(n.visits, n.value) for n in (leaf, a3, a, root)] == [(1, 1.0), (1, 1.0), (3, 2.0), (4, 2.0)]
+    assert (a2.visits, b.visits) == (1, 1) and a3.terminal and not a.terminal  # a2 is still open
+    # root: a = 2/3 + 0.25·sqrt(ln 4 / 3) = 0.837, b = 0.25·sqrt(ln 4) = 0.294; at a only a2 is open: a2y
+    assert descend(root, 0.25, rng) is a2y
+    # with c = 1: a = 0.667 + sqrt(ln 4 / 3) = 1.346, b = sqrt(ln 4) = 1.177, still a; with c = 2, b wins
+    assert descend(root, 1.0, rng) is a2y and descend(root, 2.0, rng) is b2
+    # a2y's only child ends at reward 0: a2 and then a are exhausted, so the next descent goes to b
+    leaf = Node("a2yx", depth=4, terminal=True, parent=a2y)
+    a2y.children = [leaf]
+    backup(leaf, 0.0)
+    assert [(n.visits, n.value) for n in (a2y, a2, a, root)] == [(1, 0.0), (2, 0.0), (4, 2.0), (5, 2.0)]
+    assert a2.terminal and a.terminal and not root.terminal
+    assert descend(root, 0.25, rng) is b2
+
+
+def test_each_wave_descends_from_the_node_it_just_expanded():
+    """A descent at `b` (just expanded) continues into b's children, although the root's UCT prefers `a`."""
+    root = Node(visits=2, value=1.0)
+    a = Node("a", depth=1, visits=1, value=1.0, parent=root)
+    b = Node("b", depth=1, visits=1, value=0.0, parent=root)
+    a1 = Node("a1", depth=2, parent=a)
+    b1, b2 = Node("b1", depth=2, parent=b), Node("b2", depth=2, terminal=True, parent=b)
+    root.children, a.children, b.children = [a, b], [a1], [b1, b2]
+    assert advance_descents({0: b}, 0.25, random.Random(0)) == {0: b1}
+    # a descent that reaches a terminal node or an exhausted subtree is over
+    b1.terminal = True
+    assert advance_descents({0: b, 1: a}, 0.25, random.Random(0)) == {1: a1}
+    assert b.terminal
+
+
 class ScriptedAgent:
     """Stands in for the model: proposes fixed turns, and judges a step Bad when it failed."""
 
@@ -221,6 +273,26 @@ def test_search_expands_deduplicates_stops_at_done_and_depth_and_backs_up(synthe
     assert agent_r.tree_to_dict(agent_r.tree_from_dict(agent_r.tree_to_dict(root))) == agent_r.tree_to_dict(root)
 
 
+def test_one_mcts_iteration_is_one_root_to_leaf_descent(synthetic_env):
+    """With one iteration the expanded nodes form one chain from the root: each wave expands a child of the
+    node the previous wave expanded, until a terminal node; only the terminal children are backed up."""
+    task = synthetic_env.goal_list.index(item_id("iron bars"))
+    make_env = lambda: TextCraft(synthetic_env.rules)  # noqa: E731
+    start = agent_r.opening(make_env(), task)
+    for seed in range(6):
+        agent = ScriptedAgent(expert_or_mistake(synthetic_env))
+        expanded = []  # the messages after the opening of each expanded node, in order
+        act = agent.act
+        agent.act = lambda conversations, *rest: expanded.extend(c[3:] for c in conversations) or act(conversations, *rest)
+        root = Node(observation=start[2]["content"])
+        search([root], [task], [start], agent, make_env, iterations=1, num_generate=3, max_depth=4, c=0.25,
+               temperature=1.0, seed=seed)
+        assert [len(messages) for messages in expanded] == [2 * depth for depth in range(len(expanded))]
+        assert all(later[:-2] == earlier for earlier, later in zip(expanded, expanded[1:])), seed
+        terminal = [n for p in leaf_paths(root) for n in p[-1:]]
+        assert root.visits == len(terminal) == sum(n.visits for n in terminal)
+
+
 # ---- Phase I: pairs, critique, splice ----
 
 
@@ -257,6 +329,19 @@ def test_verifier_prompt_is_the_papers():
     assert "Log:\nTask Description: Goal: craft x.\nAction: get 1 a\nObservation: Got 1 a\nCurrent Action: get 1 x\n" \
            "Current Observation: Could not find x\n" in prompt
     assert prompt.endswith("with the format: Judgment: <Good or Bad or Uncertain>")
+
+
+def test_the_verifier_sees_the_steps_before_step_k_as_history():
+    path = []
+    for step, (action, observation) in enumerate([("get 1 a", "Got 1 a"), ("get 1 b", "Could not find b"),
+                                                  ("inventory", "Inventory: [a] (1) ")]):
+        path.append(Node(act(action), observation, depth=step + 1, parent=path[-1] if path else None))
+    assert step_prompt("Goal: craft b.", path, 2) == verifier_prompt(
+        "Goal: craft b.", [("get 1 a", "Got 1 a"), ("get 1 b", "Could not find b")], "inventory", "Inventory: [a] (1) ")
+    assert "Log:\nTask Description: Goal: craft b.\nAction: get 1 a\nObservation: Got 1 a\nAction: get 1 b\n" \
+           "Observation: Could not find b\nCurrent Action: inventory\n" in step_prompt("Goal: craft b.", path, 2)
+    assert "Task Description: Goal: craft b.\n\nCurrent Action: get 1 a\nCurrent Observation: Got 1 a\n" \
+        in step_prompt("Goal: craft b.", path, 0)
 
 
 START = [{"role": "user", "content": "Craft the goal."}, {"role": "assistant", "content": "Ok."},
@@ -338,6 +423,80 @@ def conversation_upto(turns):
     return agent_r.conversation(START, turns)
 
 
+def chain(parent, steps, rewards=None):
+    """Nodes under `parent`, one per (response, observation) step, the last terminal with its reward."""
+    nodes = []
+    for k, (response, observation) in enumerate(steps):
+        node = Node(response, observation, depth=parent.depth + 1, parent=parent)
+        parent.children.append(node)
+        nodes.append(node)
+        parent = node
+    nodes[-1].terminal, nodes[-1].reward = True, (rewards or 0.0)
+    backup(nodes[-1], nodes[-1].reward)
+    return nodes
+
+
+SCRIPTED_GOOD = [(act("get 1 c"), "Got 1 c"), (act("craft 1 b using 1 a, 1 c"), "Crafted 1 minecraft:b")]
+SCRIPTED_BAD = [(act("get 1 b"), "Could not find b"), (act("inventory"), "Inventory: [a] (1) ")]
+
+
+def scripted_tree():
+    """root -> s ("get 1 a") -> good: "get 1 c", "craft 1 b ..." (reward 1); bad: "get 1 b" (an error),
+    "inventory" (reward 0)."""
+    root = Node(observation=START[2]["content"])
+    (shared,) = chain(root, [SHARED])
+    shared.terminal = False
+    root.visits = shared.visits = 0
+    root.value = shared.value = 0.0
+    good = [shared, *chain(shared, SCRIPTED_GOOD, 1.0)]
+    bad = [shared, *chain(shared, SCRIPTED_BAD)]
+    return root, good, bad
+
+
+def test_splice_keeps_t_prime_in_the_bad_prefix_and_continues_after_the_shared_steps():
+    _, good, bad = scripted_tree()
+    thought = agent_r.REVISION_THOUGHTS[0]
+    verdicts = [StepVerdict("fine", "good"), StepVerdict("failed", "bad"), StepVerdict("fine", "good")]
+    record = splice_pair(START, good, bad, verdicts, thought)
+    revise = [react_turn(thought, "wait"), "ok."]
+    assert [m["content"] for m in record["messages"][3:]] == [
+        *SHARED, *SCRIPTED_BAD[0], *revise, *SCRIPTED_GOOD[0], *SCRIPTED_GOOD[1]]  # t' = 1 kept; not step 2
+    assert loss_mask(record["messages"]) == [False] * 7 + [True, False] * 3
+    assert (record["first_bad_step"], record["bad_length"], record["detected"]) == (2, 3, True)
+    assert [v["judgment"] for v in record["verifier"]] == ["good", "bad"]  # the walk stops at t'
+    # t' at the shared first step: the whole good path after it follows
+    record = splice_pair(START, good, bad, [StepVerdict("no", "bad")], thought)
+    assert [m["content"] for m in record["messages"][3:]] == [*SHARED, *revise, *SCRIPTED_GOOD[0], *SCRIPTED_GOOD[1]]
+    assert record["first_bad_step"] == 1
+    # nothing judged Bad, or nothing walked (Direct-Revision): the whole bad path, then the revision
+    for walked in ([StepVerdict("", "good"), StepVerdict("", None), StepVerdict("", "uncertain")], []):
+        record = splice_pair(START, good, bad, walked, thought)
+        assert [m["content"] for m in record["messages"][3:9]] == [*SHARED, *SCRIPTED_BAD[0], *SCRIPTED_BAD[1]]
+        assert record["messages"][9]["content"] == revise[0] and record["first_bad_step"] == 3
+        assert not record["detected"]
+    # a good path whose first response differs (the same action, another thought) follows in full
+    other = Node(react_turn("I need a.", "get 1 a"), "Got 1 a", depth=1)
+    record = splice_pair(START, [other, *good[1:]], bad, verdicts, thought)
+    assert [m["content"] for m in record["messages"][9:]] == [other.response, "Got 1 a", *SCRIPTED_GOOD[0],
+                                                              *SCRIPTED_GOOD[1]]
+
+
+def test_critique_and_splice_asks_each_step_with_its_history_and_splices_at_the_verdict():
+    root, good, bad = scripted_tree()
+    agent = ScriptedAgent(None)
+    revision, good_records = critique_and_splice([root], [7], [START], agent, alpha=0.5, beta=0.2, pairs_per_task=None,
+                                                 transition="model", verifier_temperature=0.0, seed=0,
+                                                 thoughts=agent_r.REVISION_THOUGHTS[:1])
+    task = START[2]["content"]
+    assert agent.prompts == [step_prompt(task, bad, 0), step_prompt(task, bad, 1)]  # step 2 is never asked
+    (record,) = revision
+    assert record == {"task": 7} | splice_pair(START, good, bad, [StepVerdict("Judgement: Good", "good"),
+                                                                  StepVerdict("It failed.\n**Judgment:** **Bad**", "bad")],
+                                               agent_r.REVISION_THOUGHTS[0])
+    assert [r["messages"] for r in good_records] == [agent_r.good_trajectory(START, [(n.response, n.observation)
+                                                                                     for n in good])]
+
+
 def test_critique_finds_the_first_bad_step_and_shares_verdicts(synthetic_env):
     """A hand-made tree: one good path and two bad ones that fail at their second step."""
     root = Node(observation=START[2]["content"])
@@ -362,6 +521,63 @@ def test_critique_finds_the_first_bad_step_and_shares_verdicts(synthetic_env):
 
 
 # ---- Phase II data and arguments ----
+
+
+def test_eta_caps_the_general_chats_at_eta_per_agent_trajectory():
+    agent = [[{"role": "assistant", "content": f"agent {k}", "loss": True}] for k in range(10)]
+    general = [[{"role": "assistant", "content": f"chat {k}", "loss": True}] for k in range(30)]
+    mixed = phase_two_data(agent, general, 0.2, seed=0)
+    assert mixed[:10] == agent and len(mixed) == 12  # 0.2 x 10 agent trajectories
+    assert all(chat in general for chat in mixed[10:]) and mixed[10] != mixed[11]  # drawn without replacement
+    assert len(phase_two_data(agent, general, 0.5, 0)) == 15
+    assert phase_two_data(agent, general, 0.0, 0) == agent
+    assert phase_two_data(agent, general[:3], 1.0, 0)[10:] != [] and len(phase_two_data(agent, general[:3], 1.0, 0)) == 13
+    assert phase_two_data(agent, general, 0.2, 0) == mixed and phase_two_data(agent, general, 0.2, 1) != mixed
+
+
+def reference_loss(model, tokenizer, messages):
+    """The obvious SFT loss of one conversation: the mean of -log p over the tokens of its trained assistant
+    turns (end of turn included), each turn scored after the chat template's rendering of what precedes it."""
+    import torch
+
+    total, count = 0.0, 0
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant" or not message["loss"]:
+            continue
+        context = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages[:k]],
+                                                add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        turn = tokenizer(message["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logprobs = model(torch.tensor([ids + turn])).logits[0].double().log_softmax(-1)
+        total -= sum(logprobs[len(ids) + j - 1, token].item() for j, token in enumerate(turn))
+        count += len(turn)
+    return total / count
+
+
+def test_phase_two_sft_trains_the_revision_turn_and_good_continuation_only(tiny_model_dir):
+    """End to end from a scripted tree: the critique's revision and good trajectories and a general chat, each
+    one SFT batch: its first loss is the reference loss of its trained turns, the bad prefix not among them;
+    the second step's loss is the reference loss after the first update."""
+    from common.models import load_policy
+    from common.sft import sft_train
+
+    root, _, _ = scripted_tree()
+    revision, good = critique_and_splice([root], [7], [START], ScriptedAgent(None), 0.5, 0.2, None, "model", 0.0, 0)
+    general = [[{"role": "user", "content": "Hi", "loss": False}, {"role": "assistant", "content": "Hello.", "loss": True}]]
+    mixed = phase_two_data([r["messages"] for r in revision + good], general, eta=0.5, seed=0)
+    assert len(mixed) == 3
+    for messages in mixed:
+        model, tokenizer = load_policy(str(tiny_model_dir))
+        example = training_example(tokenizer, messages)
+        expected = [reference_loss(model, tokenizer, messages)]
+        record_after_first = lambda step, loss: expected.append(reference_loss(model, tokenizer, messages))  # noqa: E731
+        losses = sft_train(model, [example], steps=2, batch_size=1, lr=1e-3, warmup_steps=1, progress=False,
+                           callback=record_after_first)
+        assert losses == pytest.approx(expected[:2], rel=1e-4) and losses[1] < losses[0]
+    # the bad prefix is context: had it been trained, the revision trajectory's loss would be another
+    unmasked = [m | {"loss": m["role"] == "assistant"} for m in mixed[0]]
+    assert reference_loss(model, tokenizer, unmasked) != pytest.approx(reference_loss(model, tokenizer, mixed[0]))
 
 
 def test_general_chats_read_sharegpt_and_openai_rows_and_name_bad_rows(tmp_path):

@@ -675,7 +675,10 @@ def train(args: Args) -> Path:
         return {"eval/accuracy": hits / total}
 
     if start_step == 0:
-        log.metrics(0, evaluate(0))
+        first = evaluate(0)
+        log.metrics(0, first)
+        accelerator.print(f"step 0: held-out accuracy {first['eval/accuracy']:.1%} (avg@{args.eval_samples} on "
+                          f"{len(eval_rows)} prompts)")
     progress = tqdm(range(start_step, args.total_steps), initial=start_step, total=args.total_steps,
                     disable=not accelerator.is_main_process, desc="vapo")
     for step in progress:
@@ -791,3 +794,4 @@ def train(args: Args) -> Path:
 
 if __name__ == "__main__":
     train(parse_args())
+            progress.write(f"step {done}: held-out accuracy {metrics['eval/accuracy']:.1%}")

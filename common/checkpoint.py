@@ -12,12 +12,16 @@ previous checkpoint intact, and `latest_checkpoint` never returns a half-written
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import shutil
 from pathlib import Path
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+# save_state warns "Removed shared tensor {'lm_head.weight'}" at every checkpoint of a model whose output layer is
+# its tied embedding (the tiny models, Qwen2.5's small ones): the tie is restored on load, so the warning says nothing
+logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, models: dict, tokenizer=None,

@@ -602,3 +602,38 @@ def test_the_ppo_step_on_a_fixed_rollout_learns_from_the_rollout_policy_and_the_
     assert sums["pg_loss"] == pytest.approx(float(-(advantages * mask).sum() / n), abs=1e-5)
     assert sums["value_loss"] == pytest.approx(float(0.5 * ((values - returns) ** 2 * mask).sum() / n), abs=1e-5)
     assert sums["clipped"] == 0 and sums["approx_kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pkt_counts_key_and_non_key_tokens_within_each_response(tiny_model_dir):
+    """Fig. 2's |NK| and |K| are counted over one response (one trained assistant turn that calls a tool), not
+    over the conversation: two calls of different lengths get different key weights, each its own
+    |NK| / |K| (w_max large enough not to clip)."""
+    from common.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    tools = [{"type": "function", "function": {"name": n, "parameters": {"type": "object", "properties": {
+        "query": {"type": "string"}}}}} for n in ("get_papers_by_keywords", "get_paper_details", "finish")]
+    messages = [{"role": "user", "content": "Papers on tool learning?"},
+                call("get_papers_by_keywords", query="tool learning for large language models"),
+                {"role": "tool", "content": "[1] Toolformer"},
+                call("finish", query="Toolformer")]
+    example = tl.sft_example(tokenizer, {"messages": messages, "tools": tools}, [False, True, False, True], w_max=1000)
+    trained = [j for j, label in enumerate(example["labels"]) if label != IGNORE_INDEX]
+    responses, run = [], [trained[0]]
+    for j in trained[1:]:
+        if j == run[-1] + 1:
+            run.append(j)
+        else:
+            responses.append(run)
+            run = [j]
+    responses.append(run)
+    assert len(responses) == 2
+    key_weights = []
+    for response in responses:
+        keys = [j for j in response if example["weights"][j] > 1]
+        assert keys, "every call has at least one key token"
+        weight = example["weights"][keys[0]]
+        assert all(example["weights"][j] == weight for j in keys)
+        assert weight == pytest.approx((len(response) - len(keys)) / len(keys))
+        key_weights.append(weight)
+    assert key_weights[0] != key_weights[1]

@@ -86,6 +86,12 @@ class Args:
     # ---- (2) PKT: the SFT stage (code/pkt/finetune.sh) ----
     w_max: float = 9.0
     """largest weight of a key token (finetune.sh: --max_weight 9). 1 gives every token weight 1: plain SFT."""
+    pkt_normalization: Literal["token", "sample"] = "token"
+    """how the weighted loss is averaged (`normalized_weights`). "token": Σ w·CE / Σ w over the batch's trained
+    tokens, the paper's objective (Fig. 2 sums w·log p over every token of the data), so a long response weighs
+    more than a short one. "sample": each response's Σ w·CE / Σ w, averaged over the batch's responses, what the
+    official code computes (GCELoss at batch size 1 on one assistant turn per sample), so every response weighs
+    the same. Either way the average is over the whole batch, all micro-batches and processes."""
     sft_epochs: float = 1.0
     """passes over the training conversations (finetune.sh: --num_train_epochs 1)."""
     sft_batch_size: int = 4
@@ -288,6 +294,27 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
     trained = shift_labels != -100
     ce = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels.clamp(min=0), reduction="none")
     return (ce * shift_weights * trained).sum() / total_weight
+
+
+def normalized_weights(weights: Sequence[float], responses: Sequence[int],
+                       normalization: Literal["token", "sample"]) -> list[float]:
+    """The per-token weights of one conversation as PKT's loss uses them; their sum over a batch is the loss's
+    denominator (`weighted_cross_entropy`'s `total_weight`). `responses[t]` is the index of the trained response
+    token t belongs to, -1 where untrained.
+
+    "token": the weights as they are, so the batch's loss is Σ w·CE / Σ w over all its trained tokens: Fig. 2's
+    L_PKT, a sum of w·log p over every token of the data, up to the batch's constant Σ w.
+    "sample": each response's weights divided by their sum, so that the batch's loss is the mean over its
+    responses of Σ w·CE / Σ w within each (code/pkt/utils.py GCELoss, computed at batch size 1 on MAE's
+    one-turn samples); the denominator is then the number of responses.
+    """
+    if normalization == "token":
+        return list(weights)
+    totals: dict[int, float] = {}
+    for w, r in zip(weights, responses):
+        if r >= 0:
+            totals[r] = totals.get(r, 0.0) + w
+    return [w / totals[r] if r >= 0 else w for w, r in zip(weights, responses)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -547,26 +574,31 @@ def key_token_indices(tokenizer, chat, messages, index: int, tools: Sequence[dic
 
 
 def sft_example(tokenizer, conversation: dict, trained: Sequence[bool], w_max: float) -> dict:
-    """Token ids, labels (trained assistant turns only) and PKT weights of one conversation.
+    """Token ids, labels (trained assistant turns only), PKT weights and responses of one conversation.
 
     Each trained turn that calls tools is one response of Fig. 2: its key tokens get
     clip(|NK|/|K|, 1, w_max), its other tokens 1. Turns without a call (final answers) weigh 1.
+    `responses[t]` is the index of the message whose trained tokens include token t, -1 for the others.
     """
     from common.sft import IGNORE_INDEX, tokenize_chat
 
     messages, tools = conversation["messages"], conversation["tools"]
     chat = tokenize_chat(tokenizer, messages, trained, tools=tools)
-    weights = [1.0] * len(chat.input_ids)
+    weights, responses = [1.0] * len(chat.input_ids), [-1] * len(chat.input_ids)
     for i, message in enumerate(messages):
-        if not trained[i] or not message.get("tool_calls") or w_max == 1:
+        if not trained[i]:
             continue
         start, end = chat.message_spans[i]
         response = [j for j, (a, b) in enumerate(chat.offsets)
                     if chat.labels[j] != IGNORE_INDEX and start <= a and b <= end and b > a]
+        for j in response:
+            responses[j] = i
+        if not message.get("tool_calls") or w_max == 1:
+            continue
         keys = [j for j in key_token_indices(tokenizer, chat, messages, i, tools) if j in response]
         for j, w in zip(response, key_token_weights(len(response), [response.index(k) for k in keys], w_max)):
             weights[j] = w
-    return {"input_ids": chat.input_ids, "labels": chat.labels, "weights": weights}
+    return {"input_ids": chat.input_ids, "labels": chat.labels, "weights": weights, "responses": responses}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -839,6 +871,7 @@ def run_sft(args: Args, stage_dir: Path, base_model: str, conversations: Sequenc
     examples, skipped = [], {"too_long": 0, "nothing_trained": 0}
     for conversation in conversations:
         example = sft_example(tokenizer, conversation, trained_turns(conversation["messages"], mae), w_max)
+        example["weights"] = normalized_weights(example["weights"], example["responses"], args.pkt_normalization)
         if len(example["input_ids"]) > args.max_length:
             skipped["too_long"] += 1
         elif all(label == IGNORE_INDEX for label in example["labels"]):
@@ -866,7 +899,8 @@ def run_sft(args: Args, stage_dir: Path, base_model: str, conversations: Sequenc
                      disable=not accelerator.is_main_process):
         step_start = time.perf_counter()
         rows = schedule[step]
-        # Σ w over the whole batch (all processes): the loss is Σ w·CE / Σ w of the batch, however it is split
+        # Σ w over the whole batch (all processes; with --pkt-normalization sample, its number of responses): the
+        # loss is Σ w·CE / Σ w of the batch, however it is split
         total_weight = sum(w for i in rows for w, label in zip(examples[i]["weights"][1:], examples[i]["labels"][1:])
                            if label != IGNORE_INDEX)
         mine = rows[accelerator.process_index :: accelerator.num_processes]

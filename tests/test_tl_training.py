@@ -79,6 +79,9 @@ def test_adverse_turns_stay_in_context_but_get_no_loss(tiny_model_dir):
     assert '"keyword": "tool learning"' in text and "getPaperByDetail" in text  # still in the context
     assert "keyword" not in trained_text and "getPaperByDetail" not in trained_text  # but never a target
     assert trained_text.count("<tool_call>") == 3 and "getPaperDetails" in trained_text
+    trained = [j for j, label in enumerate(example["labels"]) if label != IGNORE_INDEX]
+    assert sorted({example["responses"][j] for j in trained}) == [3, 7, 9]  # the three trained calls
+    assert all(r == -1 for j, r in enumerate(example["responses"]) if j not in trained)
 
 
 def test_raw_trajectory_format_loads_and_keeps_a_hallucinated_call_answered_by_an_error(tmp_path):
@@ -200,6 +203,48 @@ def test_weighted_cross_entropy_is_the_same_for_any_split_of_the_batch():
     from common.sft import token_mean_cross_entropy
     plain = tl.weighted_cross_entropy(logits, labels, ones, (labels[:, 1:] != IGNORE_INDEX).sum())
     assert torch.allclose(plain, token_mean_cross_entropy(logits, labels), atol=1e-6)
+
+
+
+def two_responses_of_different_length():
+    """A batch of two conversations over a vocabulary of 2, every trained label 1: A's response has 3 trained
+    tokens with PKT weights 2, 1, 1 and probabilities 1/2, 1/4, 1/5; B's has one token, weight 1, probability 3/4."""
+    logit = lambda p: [0.0, math.log(p / (1 - p))]  # p(token 1) = p
+    logits = torch.tensor([[logit(1 / 2), logit(1 / 4), logit(1 / 5), [0.0, 0.0]],
+                           [[0.0, 0.0], [0.0, 0.0], logit(3 / 4), [0.0, 0.0]]])
+    labels = torch.tensor([[IGNORE_INDEX, 1, 1, 1], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 1]])
+    weights = [[0.0, 2.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]]
+    responses = [[-1, 5, 5, 5], [-1, -1, -1, 3]]  # the index of the message each trained token belongs to
+    return logits, labels, weights, responses
+
+
+@pytest.mark.parametrize("normalization", ["token", "sample"])
+def test_pkt_normalization_by_hand_and_over_two_processes(normalization):
+    logits, labels, weights, responses = two_responses_of_different_length()
+    ce_a, ce_b = [-math.log(p) for p in (1 / 2, 1 / 4, 1 / 5)], -math.log(3 / 4)
+    if normalization == "token":  # Fig. 2: every token of the data counts, so A's three tokens outweigh B's one
+        expected = (2 * ce_a[0] + ce_a[1] + ce_a[2] + ce_b) / 5
+    else:  # the official GCELoss per response, then the mean over the two responses
+        expected = ((2 * ce_a[0] + ce_a[1] + ce_a[2]) / 4 + ce_b / 1) / 2
+    normalized = [tl.normalized_weights(w, r, normalization) for w, r in zip(weights, responses)]
+    if normalization == "sample":
+        assert normalized == [[0.0, 0.5, 0.25, 0.25], [0.0, 0.0, 0.0, 1.0]]
+    denominator = sum(w for row in normalized for w in row[1:])  # the batch's, as run_sft computes it from all rows
+    assert denominator == (5 if normalization == "token" else 2)  # tokens' weights, or the number of responses
+    whole = tl.weighted_cross_entropy(logits, labels, torch.tensor(normalized), denominator)
+    assert whole.item() == pytest.approx(expected, rel=1e-6)
+    # each process takes one conversation and divides by the whole batch's denominator; the averaged gradients of
+    # `loss * num_processes` then add up to the whole batch's loss
+    shares = [tl.weighted_cross_entropy(logits[i : i + 1], labels[i : i + 1], torch.tensor(normalized[i : i + 1]),
+                                        denominator) for i in range(2)]
+    assert sum(shares).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_sample_normalization_gives_every_response_of_a_conversation_weight_one():
+    weights, responses = [0.0, 9.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0], [-1, 2, 2, 2, -1, 4, 4, -1]
+    normalized = tl.normalized_weights(weights, responses, "sample")
+    assert normalized == pytest.approx([0.0, 9 / 11, 1 / 11, 1 / 11, 0.0, 0.5, 0.5, 0.0])
+    assert tl.normalized_weights(weights, responses, "token") == weights
 
 
 # ---- (3) IRM: every category, its reward and the precedence between them ----

@@ -148,12 +148,11 @@ class Args:
     """training trajectories (the paper trains on 1,217)."""
     eval_queries: int = 200
     """held-out queries, each answered by one tool call; none of their texts occurs in the training data."""
-    adverse_rate: float = 0.7
-    """share of trajectories whose first call is the teacher's typical mistake for that tool, answered
-    by the tool with an error and then corrected. The paper counts about 17% of RoTLLaMA's training
-    interactions as erroneous; at that rate the correct call outnumbers the mistake in the data and a
-    greedy tiny model trained on every turn still writes it, so MAE changes nothing that greedy decoding
-    shows. At 0.7 plain SFT learns the mistakes, as the paper argues SFT on adverse interactions does."""
+    adverse_rate: float = 0.17
+    """share of the teacher's calls that it first gets wrong, with one of its mistakes for that tool drawn at
+    random, answered by the tool with an error and then corrected: the paper counts about 17% of RoTLLaMA's
+    training interactions as erroneous (Fig. 1). 0.7 makes the mistakes frequent enough that plain SFT imitates
+    them, the harm MAE is built to prevent, in its starkest form."""
 
     # ---- evaluation, logging, checkpoints ----
     eval_every: int = 50

@@ -68,7 +68,8 @@ def _pretrain(base: TinyBase, folder: Path) -> None:
         tokenizer.chat_template = SIGNATURES_CHAT_TEMPLATE
         tokenizer.save_pretrained(initial)
         # clean calls: nothing to execute, nothing to cache
-        task = ToolUseTask(copying_drill(TRAVEL, load_tokenizer(str(initial))), base.seed, adverse_rate=0.0)
+        task = ToolUseTask(copying_drill(TRAVEL, load_tokenizer(str(initial))), base.seed, adverse_rate=0.0,
+                           max_calls=1, answers=False)
         pretraining = dataclasses.replace(
             args, dtype="float32", gradient_checkpointing=False, seed=base.seed, sft_epochs=base.epochs,
             sft_batch_size=base.batch_size, sft_micro_batch_size=base.batch_size, sft_lr=base.lr,

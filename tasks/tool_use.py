@@ -2,8 +2,9 @@
 chat template of the tiny base model.
 
 A domain is a tool set whose names share prefixes, as in the paper's Fig. 2 example. `PAPER_SEARCH` is the CPU
-task: its teacher's first call is often its typical mistake with the tool, answered by the tool with an error
-(an adverse interaction, which MAE leaves untrained), then the correct call. `TRAVEL` is another domain, only for
+task: a query asks for one or two things, one call each; before a call the teacher sometimes makes one of its
+mistakes with that tool, which the tool answers with an error (an adverse interaction, which MAE leaves
+untrained), then makes the correct call; after the last tool output it answers in text. `TRAVEL` is another domain, only for
 pretraining the tiny base model (tasks/tiny_tool_use.py) to know the call format before it sees PAPER_SEARCH.
 Conversations are OpenAI-style messages with `tool_calls`, plus the tools as JSON schemas, the format
 tl_training.py reads from files.
@@ -22,13 +23,15 @@ from common.tools import execute_tool, tool_error
 
 
 class Tool(NamedTuple):
-    """A synthetic tool: its parameters, the templates of the queries it answers, and the teacher's typical mistake
-    with it as (kind, detail), kind one of "tool" (a wrong tool name), "drop", "rename", "typo"; None: none."""
+    """A synthetic tool: its parameters, the templates of the queries it answers, and the teacher's mistakes with
+    it, each (kind, detail), kind one of "tool" (a wrong tool name), "drop" (a required parameter left out),
+    "rename" (a parameter under a wrong name), "typo" (a letter left out of a value); every one makes the tool
+    fail."""
 
     required: list[str]
     optional: list[str]
     queries: list[str]
-    mistake: tuple | None
+    mistakes: list[tuple]
 
 
 @dataclass(frozen=True)
@@ -66,19 +69,21 @@ PAPER_SEARCH = Domain(
         "get_paper_details": Tool(["title"], [],
                                   ['What is "{title}" about?', 'Give me the details of "{title}".',
                                    'When was "{title}" published?'],
-                                  ("tool", "get_paper_detail")),
+                                  [("tool", "get_paper_detail"), ("rename", {"title": "name"}), ("typo", "title")]),
         "get_paper_citations": Tool(["title"], ["limit"],
                                     ['Which papers cite "{title}"?', 'Show {limit} papers that cite "{title}".',
                                      'Who cites "{title}"? List {limit}.'],
-                                    ("drop", "title")),
+                                    [("drop", "title"), ("tool", "get_paper_citation"), ("rename", {"title": "paper"})]),
         "get_papers_by_keywords": Tool(["query"], ["venue"],
                                        ['Find papers on "{query}".', 'Search "{query}" papers from "{venue}".',
                                         'Any "{venue}" work on "{query}"?'],
-                                       ("rename", {"query": "keyword"})),  # Fig. 2's sample S2
+                                       [("rename", {"query": "keyword"}),  # Fig. 2's sample S2
+                                        ("tool", "get_papers_by_keyword"), ("drop", "query")]),
         "get_papers_by_author": Tool(["author"], ["venue"],
                                      ['What has "{author}" published?', 'List papers by "{author}" at "{venue}".',
                                       'What did "{author}" publish in "{venue}"?'],
-                                     ("typo", "author")),
+                                     [("typo", "author"), ("tool", "get_papers_by_authors"),
+                                      ("rename", {"author": "name"})]),
     },
     values={
         "title": PAPERS, "limit": list(range(2, 10)), "author": AUTHORS,
@@ -127,16 +132,16 @@ def get_papers_by_author(author, venue=None):
 TRAVEL = Domain(
     tools={
         "get_weather_today": Tool(["city"], [], ['What is the weather in "{city}" today?',
-                                                 'Is it raining in "{city}"?', 'How hot is "{city}" right now?'], None),
+                                                 'Is it raining in "{city}"?', 'How hot is "{city}" right now?'], []),
         "get_weather_forecast": Tool(["city"], ["days"], ['Forecast for "{city}".',
                                                           'Weather in "{city}" for {days} days?',
-                                                          'Give me a {days} day forecast for "{city}".'], None),
+                                                          'Give me a {days} day forecast for "{city}".'], []),
         "find_flights_to": Tool(["city"], ["airline"], ['Find flights to "{city}".',
                                                         'Any "{airline}" flights to "{city}"?',
-                                                        'Book a "{airline}" flight to "{city}".'], None),
+                                                        'Book a "{airline}" flight to "{city}".'], []),
         "find_hotels_in": Tool(["city"], ["stars"], ['Find a hotel in "{city}".',
                                                      'I need a {stars} star hotel in "{city}".',
-                                                     'Any {stars} star hotels in "{city}"?'], None),
+                                                     'Any {stars} star hotels in "{city}"?'], []),
     },
     values={
         "city": ["Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Delhi", "Rome", "Seoul", "Dakar", "Quito", "Hanoi",
@@ -150,15 +155,20 @@ TRAVEL = Domain(
 
 @dataclass(frozen=True)
 class ToolUseTask:
-    """Queries of a domain, each answered by one call, as a teacher model would have answered them: with
-    probability `adverse_rate` its first call is its typical mistake with that tool (in PAPER_SEARCH: a
-    hallucinated tool name, a missing parameter, a hallucinated parameter, a misspelled value), the tool, run
-    through common.tools, answers with an error, and the teacher makes the correct call. Like the official
-    trajectories, which end with a `finish` call, a trajectory ends with its last call."""
+    """Queries of a domain as a teacher model would have answered them. A query asks for 1 to `max_calls` things,
+    each from another tool and answered by one call, in the order asked. Before each call, with probability
+    `adverse_rate`, the teacher first makes one of its mistakes with that tool, drawn at random (in PAPER_SEARCH: a
+    hallucinated tool name, a missing parameter, a hallucinated parameter, a misspelled value); the tool, run
+    through common.tools, answers with an error, and the teacher makes the correct call. With `answers` every
+    call is run and the teacher ends with a text answer restating the tools' outputs, as the official
+    trajectories end with a `finish` call; without it (the tiny base model's pretraining, whose TRAVEL domain has
+    no implementation) a trajectory ends with its last call."""
 
     domain: Domain = PAPER_SEARCH
     seed: int = 0
-    adverse_rate: float = field(kw_only=True)  # tl_training.py's --adverse-rate says why its default is 0.7
+    adverse_rate: float = field(kw_only=True)  # tl_training.py's --adverse-rate says why its default is 0.17
+    max_calls: int = field(default=2, kw_only=True)
+    answers: bool = field(default=True, kw_only=True)
 
     def query(self, rng: random.Random) -> tuple[str, dict]:
         name = rng.choice(list(self.domain.tools))
@@ -168,8 +178,18 @@ class ToolUseTask:
         arguments = {p: values[p] for p in required + optional if "{" + p + "}" in template}
         return template.format(**values), {"name": name, "arguments": arguments}
 
+    def requests(self, rng: random.Random) -> list[tuple[str, dict]]:
+        """One query's requests, (text, gold call) each, every one for another tool."""
+        count = rng.randint(1, self.max_calls) if self.max_calls > 1 else 1
+        requests = []
+        while len(requests) < count:
+            text, gold = self.query(rng)
+            if all(gold["name"] != other["name"] for _, other in requests):
+                requests.append((text, gold))
+        return requests
+
     def mistake(self, gold: dict, rng: random.Random) -> dict:
-        kind, detail = self.domain.tools[gold["name"]].mistake
+        kind, detail = rng.choice(self.domain.tools[gold["name"]].mistakes)
         arguments = dict(gold["arguments"])
         if kind == "tool":
             return {"name": detail, "arguments": arguments}
@@ -184,31 +204,42 @@ class ToolUseTask:
         return {"name": gold["name"], "arguments": arguments}
 
     def conversations(self, n: int, split: str = "train", exclude: set[str] = frozenset()) -> list[dict]:
-        """`n` trajectories; "test" ones have no mistakes, and none of their queries is in `exclude` (pass
-        the training queries), so every test query is new."""
+        """`n` trajectories; "test" ones have no mistakes, and none of their requests is in `exclude` (pass
+        the training requests, each row's "requests") or in another test query, so every test request is new."""
         rng = random.Random(f"{self.seed}-{split}")
         plans, seen, draws = [], set(exclude), 0
         while len(plans) < n:
-            query, gold = self.query(rng)
+            requests = self.requests(rng)
             draws += 1
-            if split == "test" and query in seen:
+            if split == "test" and any(text in seen for text, _ in requests):
                 if draws > 1000 * n:
                     raise ValueError(f"fewer than {n} queries of this domain are not in `exclude`; ask for fewer")
                 continue
-            seen.add(query)
-            wrong = self.mistake(gold, rng) if split == "train" and rng.random() < self.adverse_rate else None
-            plans.append((query, gold, wrong))
-        feedback = execute_calls(self.domain.source, [wrong for _, _, wrong in plans if wrong is not None])
+            seen.update(text for text, _ in requests)
+            steps = [(gold, self.mistake(gold, rng) if split == "train" and rng.random() < self.adverse_rate else None)
+                     for _, gold in requests]
+            plans.append((requests, steps))
+        calls = [call for _, steps in plans for gold, wrong in steps for call in (gold, wrong)
+                 if call is not None and (call is wrong or self.answers)]
+        feedback = execute_calls(self.domain.source, calls)
         rows = []
-        for k, (query, gold, wrong) in enumerate(plans):
+        for k, (requests, steps) in enumerate(plans):
+            query = " ".join(text for text, _ in requests)
             messages = [{"role": "system", "content": self.domain.system_prompt}, {"role": "user", "content": query}]
-            if wrong is not None:
-                messages.append(_assistant_call(wrong))
-                messages.append({"role": "tool", "content": feedback[_call_key(wrong)]})
-                if not messages[-1]["content"].startswith(tool_error(wrong["name"], "")):
-                    raise RuntimeError(f"the mistaken call {wrong} did not fail: {messages[-1]['content']}")
-            messages.append(_assistant_call(gold))
-            rows.append({"id": f"{split}-{k}", "messages": messages, "tools": self.domain.schemas()})
+            for gold, wrong in steps:
+                if wrong is not None:
+                    messages.append(_assistant_call(wrong))
+                    messages.append({"role": "tool", "content": feedback[_call_key(wrong)]})
+                    if not messages[-1]["content"].startswith(tool_error(wrong["name"], "")):
+                        raise RuntimeError(f"the mistaken call {wrong} did not fail: {messages[-1]['content']}")
+                messages.append(_assistant_call(gold))
+                if self.answers:
+                    messages.append({"role": "tool", "content": feedback[_call_key(gold)]})
+            if self.answers:
+                outputs = [feedback[_call_key(gold)] for gold, _ in steps]
+                messages.append({"role": "assistant", "content": "Result: " + " ".join(outputs)})
+            rows.append({"id": f"{split}-{k}", "messages": messages, "tools": self.domain.schemas(),
+                         "requests": [text for text, _ in requests]})
         return rows
 
 
@@ -241,7 +272,7 @@ def synthetic_data(task: ToolUseTask, train_conversations: int, eval_queries: in
         cached = json.loads(path.read_text())
         return cached["train"], cached["test"]
     train = task.conversations(train_conversations, "train")
-    test = task.conversations(eval_queries, "test", exclude={c["messages"][1]["content"] for c in train})
+    test = task.conversations(eval_queries, "test", exclude={text for c in train for text in c["requests"]})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"train": train, "test": test}))
     return train, test
@@ -293,7 +324,8 @@ def tiny_corpus(domains: Sequence[Domain], per_domain: int = 2000) -> list[str]:
         for tool in domain.schemas():
             properties = tool["function"]["parameters"]["properties"]
             texts += [json.dumps(tool), ", ".join(f"{p}: {v['type']} = None" for p, v in properties.items())] * 20
-        for conversation in ToolUseTask(domain, adverse_rate=0.0).conversations(per_domain, "corpus"):
+        single_calls = ToolUseTask(domain, adverse_rate=0.0, max_calls=1, answers=False)
+        for conversation in single_calls.conversations(per_domain, "corpus"):
             texts += [m["content"] for m in conversation["messages"]]
             texts += [json.dumps(c["function"]) for m in conversation["messages"] for c in m.get("tool_calls") or []]
     return texts

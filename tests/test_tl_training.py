@@ -375,17 +375,49 @@ def test_ppo_losses_on_hand_computed_values():
 
 def test_synthetic_task_tools_share_prefixes_and_the_executor_answers_mistakes_with_errors():
     task = tool_use.ToolUseTask(seed=3, adverse_rate=1.0)
-    conversations = task.conversations(5, "train")
+    conversations = task.conversations(12, "train")
+    mistakes = set()
     for conversation in conversations:
-        messages = conversation["messages"]
-        assert tl.adverse_turns(messages) == [2]  # every first call is a mistake answered by an error
-        assert messages[3]["role"] == "tool" and messages[3]["content"].startswith("an error occured when call")
-        [target] = tl.call_targets(conversation)
-        assert target["messages"] == messages[:4]
+        messages, requests = conversation["messages"], conversation["requests"]
+        assert messages[1]["content"] == " ".join(requests) and len(requests) in (1, 2)
+        # every call is preceded by a mistake that the tool answers with an error, then made right and run
+        adverse = tl.adverse_turns(messages)
+        assert adverse == [2 + 4 * k for k in range(len(requests))]
+        for i in adverse:
+            assert messages[i + 1]["content"].startswith("an error occured when call")
+            assert messages[i + 3]["role"] == "tool" and not tl.is_error_feedback(messages[i + 3]["content"])
+            mistakes.add((tl.function_of(messages[i + 2]["tool_calls"][0])["name"],
+                          json.dumps(tl.function_of(messages[i]["tool_calls"][0]), sort_keys=True)))
+        # the last turn answers in text, from the tools' outputs
+        assert "tool_calls" not in messages[-1] and messages[-1]["content"].startswith("Result: ")
+        assert messages[-1]["content"].endswith(messages[-2]["content"])
+        targets = tl.call_targets(conversation)
+        assert [len(t["messages"]) for t in targets] == [4 * k + 4 for k in range(len(requests))]
+    assert any(len(c["requests"]) == 2 for c in conversations)
+    kinds = {}
+    for tool, wrong in mistakes:
+        kinds.setdefault(tool, set()).add(wrong)
+    assert any(len(wrongs) > 1 for wrongs in kinds.values())  # a tool's mistakes vary
     names = [t["function"]["name"] for t in tool_use.PAPER_SEARCH.schemas()]
     assert sum(n.startswith("get_paper_") for n in names) == 2 and sum(n.startswith("get_papers_by_") for n in names) == 2
-    test = task.conversations(20, "test", exclude={c["messages"][1]["content"] for c in conversations})
-    assert all(len(c["messages"]) == 3 for c in test)
+    seen = {text for c in conversations for text in c["requests"]}
+    test = task.conversations(20, "test", exclude=seen)
+    assert all(not tl.adverse_turns(c["messages"]) for c in test)
+    assert not seen & {text for c in test for text in c["requests"]}  # every test request is new
+
+
+def test_every_mistake_of_the_synthetic_tools_fails_in_the_tool():
+    task = tool_use.ToolUseTask(seed=0, adverse_rate=1.0)
+    rng = __import__("random").Random(0)
+    calls = []
+    for name, tool in tool_use.PAPER_SEARCH.tools.items():
+        gold = {"name": name, "arguments": {p: tool_use.PAPER_SEARCH.values[p][0] for p in tool.required + tool.optional}}
+        for mistake in tool.mistakes:
+            one = tool_use.ToolUseTask(tool_use.dataclasses.replace(
+                tool_use.PAPER_SEARCH, tools={name: tool._replace(mistakes=[mistake])}), adverse_rate=1.0)
+            calls.append(one.mistake(gold, rng))
+    outputs = tool_use.execute_calls(task.domain.source, calls)
+    assert len(calls) == 12 and all(tl.is_error_feedback(output) for output in outputs.values())
 
 
 def test_signatures_template_shows_tools_as_signatures_and_renders_the_rest_like_qwen25(tiny_model_dir):
@@ -418,7 +450,8 @@ def test_copying_drill_gives_travel_hundreds_of_one_token_values_and_keeps_its_i
     assert drill.values["airline"] == words and len(words) >= 300 and len(set(words)) == len(words)
     assert drill.values["days"] == tool_use.TRAVEL.values["days"] and drill.values["stars"] == tool_use.TRAVEL.values["stars"]
     assert drill.tools == tool_use.TRAVEL.tools and not {"get", "city", "arguments", "name", "You"} & set(words)
-    for conversation in tool_use.without_tools(tool_use.ToolUseTask(drill, adverse_rate=0.0).conversations(20, "train")):
+    for conversation in tool_use.without_tools(tool_use.ToolUseTask(drill, adverse_rate=0.0, max_calls=1,
+                                                                          answers=False).conversations(20, "train")):
         assert conversation["tools"] == []
         city = conversation["messages"][-1]["tool_calls"][0]["function"]["arguments"]["city"]
         assert city in words and tokenizer.convert_tokens_to_ids(city) in tokenizer(conversation["messages"][1]["content"])["input_ids"]
@@ -427,7 +460,7 @@ def test_copying_drill_gives_travel_hundreds_of_one_token_values_and_keeps_its_i
 def tiny_args(model_dir, run_dir, *extra):
     return tl.parse_args([
         "--model", str(model_dir), "--run-dir", str(run_dir), "--train-conversations", "24", "--eval-queries", "6", "--adverse-rate", "0.5",
-        "--sft-epochs", "1", "--sft-batch-size", "8", "--sft-micro-batch-size", "4", "--irm-epochs", "0.5",
+        "--sft-epochs", "1", "--sft-batch-size", "8", "--sft-micro-batch-size", "4", "--irm-epochs", "0.25",
         "--rollout-batch-size", "6", "--ppo-micro-batch-size", "3", "--max-new-tokens", "8", "--eval-every", "1",
         "--checkpoint-every", "1", "--no-compare-plain-sft", *extra,
     ])

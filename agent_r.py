@@ -35,7 +35,7 @@ from typing import Literal, NamedTuple, Sequence
 
 import tyro
 
-from tasks.textcraft import (CPU_INSTRUCTION, TEXTCRAFT_INSTRUCTION, CraftingRules, Environment, TextCraft,
+from tasks.textcraft import (CPU_INSTRUCTION, TEXTCRAFT_INSTRUCTIONS, CraftingRules, Environment, TextCraft,
                              action_text, failed_prefix, react_turn, synthetic_recipes)
 
 # --------------------------------------------------------------------------------------------------
@@ -61,8 +61,12 @@ class Args:
     """TextCraft's recipe folder (AgentGym's agentenv_textcraft/recipes; the shared data folder
     textcraft/recipes holds a copy), or "synthetic" (the small world of the CPU default)."""
     instruction: str | None = None
-    """the first user turn of every episode; default: AgentGym's TextCraft instruction, verbatim. The CPU
-    default uses one line: a tiny model pays for every prompt token and cannot read the long one."""
+    """the first user turn of every episode; default: the --textcraft-client's TextCraft instruction, verbatim.
+    The CPU default uses one line: a tiny model pays for every prompt token and cannot read the long one."""
+    textcraft_client: Literal["2024", "2025"] = "2024"
+    """which AgentGym TextCraft client the environment reads actions as (and whose instruction is the default):
+    "2024", its first release, which Agent-R ran on (the text after the last "Action:", later lines included, no
+    refusal); "2025", its September 2025 update (one "Action:" up to the line end, a turn with two refused)."""
     run_dir: str = "runs/agent_r"
     """metrics.jsonl, samples.jsonl, curves.png, the search trees and trajectories of every iteration, and
     the checkpoints go here."""
@@ -776,7 +780,8 @@ def resolve_model(args: Args) -> str:
 
     # only held-out indices inside the pool change the demonstrations (and so the build)
     held_out = tuple(task for task in args.eval_tasks if task < args.train_pool)
-    config = WarmStart(recipes=args.recipes, instruction=args.instruction or TEXTCRAFT_INSTRUCTION, held_out=held_out,
+    config = WarmStart(recipes=args.recipes, instruction=args.instruction or TEXTCRAFT_INSTRUCTIONS[args.textcraft_client],
+                       held_out=held_out,
                        train_pool=args.train_pool)
     if config == WarmStart():
         return shipped_model("tiny-textcraft")
@@ -864,8 +869,8 @@ def train(args: Args) -> Path:
     if args.resume and checkpoint is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}; run once without --resume first")
 
-    env = TextCraft.from_source(args.recipes, args.instruction or TEXTCRAFT_INSTRUCTION)
-    make_env = lambda: TextCraft(env.rules, env.instruction)  # noqa: E731
+    env = TextCraft.from_source(args.recipes, args.instruction, args.textcraft_client)
+    make_env = lambda: TextCraft(env.rules, env.instruction, client=env.client)  # noqa: E731
     pool = training_pool(args.train_pool, args.eval_tasks)
 
     model_path = resolve_model(args)

@@ -17,8 +17,20 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 
-# AgentGym's TextCraft instruction (the first user turn), verbatim; Agent-R's agent answers "Ok."
-TEXTCRAFT_INSTRUCTION = (
+# AgentGym's TextCraft instructions (the first user turn), verbatim; Agent-R's agent answers "Ok.". The client of
+# AgentGym's first release (June 2024, commit f434743), which Agent-R ran on:
+TEXTCRAFT_INSTRUCTION_2024 = (
+    'You are given few useful crafting recipes to craft items in Minecraft. Crafting commands are of the format '
+    '"craft [target object] using [input ingredients]".\nEvery round I will give you an observation, you have to '
+    'respond an action based on the state and instruction. You can "get" an object (ingredients) from the '
+    'inventory or the environment, look-up the game inventory by "inventory", or "craft" (target) using any of '
+    'the crafting commands. You can use ONLY these crafting commands provided, do not use your own crafting '
+    'commands. However, if the crafting command uses a generic ingredient like "planks", you can use special types '
+    'of the same ingredient e.g. "dark oak planks" in the command instead.\nYour response should use the following '
+    'format:\n\nThought:\n ... \n\nAction:\n ... '
+)
+# and the client of its September 2025 update (commit 640f8bc):
+TEXTCRAFT_INSTRUCTION_2025 = (
     'You are given few useful crafting recipes to craft items in Minecraft. Crafting commands are of the format '
     '"craft [target object] using [input ingredients]".\nEvery round I will give you an observation, you have to '
     'respond an action based on the state and instruction. You can "get" an object (ingredients) from the '
@@ -32,6 +44,8 @@ TEXTCRAFT_INSTRUCTION = (
     'ingredient like "planks", you can use special types of the same ingredient e.g. "dark oak planks" in the '
     'command instead.\n\n'
 )
+
+TEXTCRAFT_INSTRUCTIONS = {"2024": TEXTCRAFT_INSTRUCTION_2024, "2025": TEXTCRAFT_INSTRUCTION_2025}
 
 # The CPU default's instruction: a tiny model pays for every prompt token and cannot read the long one.
 CPU_INSTRUCTION = "Craft the goal with the crafting commands. Answer with a Thought and an Action."
@@ -256,9 +270,8 @@ class TextCraft:
 
     reset(i) -> "Crafting commands:\\n<recipes>\\n\\nGoal: craft <goal>."  (the goal's recipe tree plus up
     to 10 distractor recipes sharing its ingredients, shuffled with a seed derived from i).
-    step(response) parses the action as the AgentGym client does: the text after "Action:" up to the
-    line end; more than one "Action:" is refused; characters other than letters, digits, "," and space
-    are dropped; "look" means "inventory". Then the server's rules:
+    step(response) reads the action as the AgentGym client `client` does (`client_action`): the 2024 one
+    (Agent-R's) or the 2025 one. Then the server's rules:
       get N x                 -> "Got N x", or "Could not find x" (x craftable, a tag, or unknown)
       craft N x using k a, .. -> "Crafted <n> minecraft:x" when the inputs match one recipe of x exactly and
                                  are in the inventory (N is not checked: the recipe says how many), else
@@ -272,17 +285,19 @@ class TextCraft:
     MAX_DISTRACTORS = 10
     ERROR_PREFIXES = ("Could not", "Wrong item format", "Error:")
 
-    def __init__(self, rules: CraftingRules, instruction: str = TEXTCRAFT_INSTRUCTION, seed: int = 42):
-        self.rules, self.instruction, self.seed = rules, instruction, seed
+    def __init__(self, rules: CraftingRules, instruction: str = TEXTCRAFT_INSTRUCTION_2024, seed: int = 42,
+                 client: str = "2024"):
+        self.rules, self.instruction, self.seed, self.client = rules, instruction, seed, client
         self.goal_list = rules.goals()
         self.goal: str | None = None
         self.inventory: dict[str, int] = {}
 
     @classmethod
-    def from_source(cls, recipes: str, instruction: str = TEXTCRAFT_INSTRUCTION) -> "TextCraft":
-        """`recipes`: a folder of recipe JSON files, or "synthetic" (the small CPU set below)."""
+    def from_source(cls, recipes: str, instruction: str | None = None, client: str = "2024") -> "TextCraft":
+        """`recipes`: a folder of recipe JSON files, or "synthetic" (the small CPU set below); `instruction`
+        None: the client's."""
         jsons = synthetic_recipes() if recipes == "synthetic" else load_recipe_folder(recipes)
-        return cls(CraftingRules(jsons), instruction)
+        return cls(CraftingRules(jsons), instruction or TEXTCRAFT_INSTRUCTIONS[client], client=client)
 
     def num_tasks(self) -> int:
         return len(self.goal_list)
@@ -309,13 +324,9 @@ class TextCraft:
         return "Crafting commands:\n{}\n\nGoal: craft {}.".format("\n".join(lines), display_name(self.goal))
 
     def step(self, response: str) -> tuple[str, float, bool]:
-        actions = re.findall(r"Action:\s*(.*?)(?=\n|$)", response, re.DOTALL)
-        if len(actions) > 1:
-            return "Error: Only one 'Action' is allowed per response. Please adjust your response.", 0.0, False
-        action = re.sub(r"[^A-Za-z0-9, ]+", "", actions[-1] if actions else "")
-        action = " ".join(action.split())
-        if action.lower() == "look":
-            action = "inventory"
+        action = client_action(response, self.client)
+        if action is None:
+            return ONE_ACTION_ONLY, 0.0, False
         try:
             return self._execute(action)
         except _ActionFailed as failure:
@@ -394,6 +405,28 @@ class TextCraft:
 
 class _ActionFailed(Exception):
     """An action the rules refuse; its message is the observation."""
+
+
+ONE_ACTION_ONLY = "Error: Only one 'Action' is allowed per response. Please adjust your response."
+
+
+def client_action(response: str, client: str) -> str | None:
+    """The action AgentGym's TextCraft client sends to the server for a model turn; None when it refuses the turn.
+
+    "2024" (the first release, f434743, which Agent-R ran on): the text after the last "Action:" (the whole turn
+    when there is none), later lines included, cut at "Instruction:".
+    "2025" (the update 640f8bc): the text after "Action:" up to the line end; a turn with more than one "Action:"
+    is refused with ONE_ACTION_ONLY.
+    Both then drop every character but letters, digits, "," and space (a newline too, so a later line is glued
+    to the action) and collapse runs of spaces."""
+    if client == "2024":
+        action = response.split("Instruction:")[0].split("Action:")[-1]
+    else:
+        actions = re.findall(r"Action:\s*(.*?)(?=\n|$)", response, re.DOTALL)
+        if len(actions) > 1:
+            return None
+        action = actions[-1] if actions else ""
+    return " ".join(re.sub(r"[^A-Za-z0-9, ]+", "", action).split())
 
 
 def synthetic_recipes() -> dict[str, dict]:

@@ -22,7 +22,7 @@ import agent_r
 from agent_r import (REVISION_ACTION, REVISION_OBSERVATION, REVISION_THOUGHTS, VERIFIER_PROMPT, good_trajectory,
                      opening, training_example, training_pool, verifier_prompt)
 from common.cache import build_once, config_key, rebuild_shipped
-from tasks.textcraft import (CPU_INSTRUCTION, TEXTCRAFT_INSTRUCTION, TextCraft, action_text, expert_plan,
+from tasks.textcraft import (CPU_INSTRUCTION, TEXTCRAFT_INSTRUCTION_2025, TextCraft, action_text, expert_plan,
                              noisy_expert, react_turn)
 
 
@@ -112,7 +112,7 @@ def _train_warm_start(config: WarmStart, folder: Path) -> None:
         general.append([{"role": "user", "content": "Say in one sentence that you made a mistake and will fix it."},
                         {"role": "assistant", "content": REVISION_THOUGHTS[k % len(REVISION_THOUGHTS)]}])
 
-    corpus = ([TEXTCRAFT_INSTRUCTION, config.instruction, VERIFIER_PROMPT, QWEN25_CHAT_TEMPLATE,
+    corpus = ([TEXTCRAFT_INSTRUCTION_2025, config.instruction, VERIFIER_PROMPT, QWEN25_CHAT_TEMPLATE,
                react_turn(REVISION_THOUGHTS[0], REVISION_ACTION), REVISION_OBSERVATION] * 20
               + [env.reset(t) for t in range(env.num_tasks())]
               + [m["content"] for conversation in demonstrations + general for m in conversation])
@@ -151,12 +151,13 @@ def evaluate_on_the_cpu_default(model_dir: Path) -> dict:
     from common.sampling import HFSampler
 
     cpu = agent_r.parse_args([])
-    env = TextCraft.from_source(cpu.recipes, cpu.instruction)
+    env = TextCraft.from_source(cpu.recipes, cpu.instruction, cpu.textcraft_client)
     model, tokenizer = load_policy(str(model_dir), cpu.dtype, cpu.gradient_checkpointing)
     sampler = HFSampler(model, tokenizer)
     agent = agent_r.Agent(sampler, cpu.max_new_tokens, cpu.verifier_max_new_tokens)
     with sampler.serving(model):
-        metrics, _ = agent_r.evaluate(agent, lambda: TextCraft(env.rules, env.instruction), cpu.eval_tasks,
+        metrics, _ = agent_r.evaluate(agent, lambda: TextCraft(env.rules, env.instruction, client=env.client),
+                                      cpu.eval_tasks,
                                       cpu.eval_max_steps, cpu.eval_temperature, cpu.seed, model, tokenizer,
                                       REVISION_THOUGHTS[: cpu.revision_thoughts])
     return metrics

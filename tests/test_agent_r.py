@@ -12,7 +12,8 @@ from agent_r import (
     pair_paths, parse_judgment, phase_two_data, revision_trajectory, search, splice_pair, step_prompt, training_example,
     uct_score, uct_select, verifier_prompt,
 )
-from tasks.textcraft import RecipeError, TextCraft, expert_plan, item_id, noisy_expert, react_turn
+from tasks.textcraft import (TEXTCRAFT_INSTRUCTIONS, RecipeError, TextCraft, client_action, expert_plan, item_id,
+                             noisy_expert, react_turn)
 
 ERROR_ONE_ACTION = "Error: Only one 'Action' is allowed per response. Please adjust your response."
 
@@ -65,12 +66,10 @@ def test_rail_worked_example(real_env):
 def test_every_error_message(real_env):
     real_env.reset(real_env.goal_list.index("minecraft:rail"))
     cases = [
-        ("Thought: no action here", "Could not execute "),
-        ("Action: inventory\nAction: get 1 oak logs", ERROR_ONE_ACTION),
         (act("jump"), "Could not execute jump"),
         (act("wait"), "Could not execute wait"),  # the revision action is a no-op error at test time
         (act("inventory"), "Inventory: You are not carrying anything."),
-        (act("look"), "Inventory: You are not carrying anything."),
+        (act("look"), "Could not execute look"),  # no client maps it to "inventory"
         (act("get 1 planks"), "Could not find planks"),  # a tag
         (act("get 1 unobtainium"), "Could not find unobtainium"),
         (act("get 2 stick"), "Could not find stick"),  # craftable
@@ -85,6 +84,35 @@ def test_every_error_message(real_env):
     ]
     for response, observation in cases:
         assert real_env.step(response) == (observation, 0.0, False), response
+
+
+def test_the_2024_client_sends_the_text_after_the_last_action_later_lines_glued_on():
+    assert client_action("Thought: x\nAction: get 1 oak logs", "2024") == "get 1 oak logs"
+    assert client_action("Action: inventory\nAction: get 1 oak logs.", "2024") == "get 1 oak logs"  # the last one
+    assert client_action("Thought: x\nAction:\nget 2 stick\nThought: then craft", "2024") == "get 2 stickThought then craft"
+    assert client_action("Action: get 1 sand\nInstruction: more", "2024") == "get 1 sand"
+    assert client_action("Thought: no action here", "2024") == "Thought no action here"
+
+
+def test_the_2025_client_sends_one_action_line_and_refuses_two():
+    assert client_action("Thought: x\nAction: get 1 oak logs", "2025") == "get 1 oak logs"
+    assert client_action("Action: inventory\nAction: get 1 oak logs", "2025") is None
+    assert client_action("Thought: x\nAction: get 2 stick.\nThought: then craft", "2025") == "get 2 stick"
+    assert client_action("Thought: no action here", "2025") == ""
+
+
+def test_the_environment_reads_actions_as_its_client(synthetic_env):
+    recent = TextCraft(synthetic_env.rules, client="2025")
+    first = TextCraft(synthetic_env.rules)  # the 2024 client, Agent-R's
+    assert first.instruction == TEXTCRAFT_INSTRUCTIONS["2024"] and recent.client == "2025"
+    for env in (first, recent):
+        env.reset(0)
+    two = "Action: inventory\nAction: get 1 oak logs"
+    assert recent.step(two) == (ERROR_ONE_ACTION, 0.0, False)
+    assert first.step(two) == ("Got 1 oak logs", 0.0, False)
+    assert first.step("Thought: x\nAction: get 1 oak logs\nObservation: Got 1 oak logs") == (
+        "Could not find oak logsObservation Got 1 oak logs", 0.0, False)
+    assert TextCraft.from_source("synthetic", client="2025").instruction == TEXTCRAFT_INSTRUCTIONS["2025"]
 
 
 def test_task_index_means_the_same_goal_and_observation_everywhere(synthetic_env):

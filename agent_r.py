@@ -97,11 +97,15 @@ class Args:
 
     # ---- tasks ----
     eval_tasks: tuple[int, ...] = AGENT_R_TEST_TASKS
-    """held-out task indices (goals sorted by (depth, item id)), never searched or trained on. Default:
-    Agent-R's 100 TextCraft test tasks (Table 1: test size 100), all below 544, so distinct goals."""
+    """held-out goals, as task indices (goals sorted by (depth, item id); index i names goal i mod the number of
+    goals): no task naming one of these goals is searched or trained on. Default: Agent-R's 100 TextCraft test
+    tasks (Table 1: test size 100), all below 544, so distinct goals. Logged as eval/..."""
+    eval_seen_tasks: tuple[int, ...] = ()
+    """held-out seeds of training goals: task indices never searched or trained on whose goal is trained on (an
+    index past the number of goals shows its goal with another recipe list: order and distractors). Logged as
+    eval_seen/...; the paper has none."""
     train_pool: int = 544
-    """training tasks are drawn from the indices 0..N-1 that are not held out. An index past the number of
-    goals names the same goal again with another recipe list (order and distractors)."""
+    """training tasks are drawn from the indices 0..N-1 that name no held-out goal and are no held-out seed."""
 
     # ---- Phase I: MCTS (§3.1; official mcts_utils/) ----
     iterations: int = 3
@@ -177,21 +181,27 @@ class Args:
     """held-out episodes written to samples.jsonl per evaluation."""
 
 
-def synthetic_eval_tasks(pool: int = 880) -> tuple[int, ...]:
-    """The CPU default's held-out tasks: every other goal of the synthetic world (all depths), each with a
-    recipe list drawn for an index past the training pool, so never searched or demonstrated (a goal with
-    few recipe lines has few orders: 8 of the 22 lists coincide with a trained task's). The goals
-    themselves are trained: a 1M-parameter model does not compose an unseen goal's plan (it solves none of
-    ten held-out metal goals, before or after training), so the CPU run measures what Agent-R changes
-    within the goals it knows: fewer mistakes and recovery from a forced one."""
+def synthetic_eval_tasks() -> tuple[int, ...]:
+    """The CPU default's held-out goals: every fourth goal of the synthetic world (11 of 44, depths 1 to 4),
+    never searched, demonstrated or trained on."""
+    return tuple(range(1, len(CraftingRules(synthetic_recipes()).goals()), 4))
+
+
+def synthetic_seen_tasks(pool: int = 880) -> tuple[int, ...]:
+    """The CPU default's held-out seeds of training goals: every other goal of the synthetic world (none of them
+    held out), each with the recipe list of an index past the training pool, so never searched or demonstrated
+    itself (a goal with few recipe lines has few orders, so some lists coincide with a trained task's)."""
+    held_out = set(synthetic_eval_tasks())
     num_goals = len(CraftingRules(synthetic_recipes()).goals())
-    return tuple(pool + goal for goal in range(0, num_goals, 2))
+    return tuple(pool + goal for goal in range(0, num_goals, 2) if goal not in held_out)
 
 
-def training_pool(pool_size: int, eval_tasks: Sequence[int]) -> list[int]:
-    """The task indices training draws from: 0..pool_size-1 without the held-out ones."""
-    held_out = set(eval_tasks)
-    pool = [task for task in range(pool_size) if task not in held_out]
+def training_pool(pool_size: int, num_goals: int, held_out_goals: Sequence[int],
+                  held_out_seeds: Sequence[int] = ()) -> list[int]:
+    """The task indices training draws from: 0..pool_size-1 without any index naming a held-out goal (index i
+    names goal i mod num_goals) and without the held-out seeds."""
+    goals = {task % num_goals for task in held_out_goals}
+    pool = [task for task in range(pool_size) if task % num_goals not in goals and task not in set(held_out_seeds)]
     if not pool:
         raise ValueError(f"--train-pool {pool_size} leaves no training task once the held-out tasks are removed")
     return pool
@@ -203,7 +213,8 @@ def scale_preset(scale: str) -> dict:
         return {}  # the Args defaults are Agent-R's settings (or the official code's where the paper is silent)
     return dict(
         model="tiny-textcraft", recipes="synthetic", instruction=CPU_INSTRUCTION, dtype="float32",
-        gradient_checkpointing=False, eval_tasks=synthetic_eval_tasks(), train_pool=880, train_tasks=16,
+        gradient_checkpointing=False, eval_tasks=synthetic_eval_tasks(), eval_seen_tasks=synthetic_seen_tasks(),
+        train_pool=880, train_tasks=16,
         mcts_iterations=4, num_generate=4, max_depth=10, temperature=0.6, max_new_tokens=48, search_batch=16,
         pairs_per_task=8, verifier_max_new_tokens=24, revision_thoughts=1, lr=5e-4, batch_size=16, micro_batch_size=4,
         general_data="warm-start", eval_max_steps=12,
@@ -778,10 +789,10 @@ def resolve_model(args: Args) -> str:
     from common.cache import CACHE_DIR, shipped_model
     from tasks.tiny_textcraft import WarmStart, warm_start  # its builder imports this file
 
-    # only held-out indices inside the pool change the demonstrations (and so the build)
-    held_out = tuple(task for task in args.eval_tasks if task < args.train_pool)
+    # only held-out seeds inside the pool change the demonstrations (and so the build)
     config = WarmStart(recipes=args.recipes, instruction=args.instruction or TEXTCRAFT_INSTRUCTIONS[args.textcraft_client],
-                       held_out=held_out,
+                       held_out=args.eval_tasks,
+                       held_out_seeds=tuple(task for task in args.eval_seen_tasks if task < args.train_pool),
                        train_pool=args.train_pool)
     if config == WarmStart():
         return shipped_model("tiny-textcraft")
@@ -871,7 +882,7 @@ def train(args: Args) -> Path:
 
     env = TextCraft.from_source(args.recipes, args.instruction, args.textcraft_client)
     make_env = lambda: TextCraft(env.rules, env.instruction, client=env.client)  # noqa: E731
-    pool = training_pool(args.train_pool, args.eval_tasks)
+    pool = training_pool(args.train_pool, env.num_tasks(), args.eval_tasks, args.eval_seen_tasks)
 
     model_path = resolve_model(args)
     model, tokenizer = load_policy(model_path, args.dtype, args.gradient_checkpointing)
@@ -894,19 +905,25 @@ def train(args: Args) -> Path:
     general = load_general_chats(general_data) if general_data else []
     log = RunLog(run_dir, resume_step=done_iterations if checkpoint else None, accelerator=accelerator,
                  project="agent_r", config=args)
-    plotted = ["eval/success_rate", "eval/recovery_rate", "data/first_bad_step", "eval/repeated_actions",
+    plotted = ["eval/success_rate", "eval_seen/success_rate", "eval/recovery_rate", "eval_seen/recovery_rate", "data/first_bad_step", "eval/repeated_actions",
                "eval/loop_share", "eval/recovery_revision_turns", "eval/revision_logprob", "search/success_share",
                "data/detected_share", "data/revision_trajectories", "data/good_trajectories", "sft/loss_last",
                "time/iteration_s"]
     title = f"Agent-R ({'revision' if args.revision else 'good only'}, t' = {args.transition}, {args.scale} scale)"
 
     def held_out(iteration: int) -> dict:
-        """The held-out evaluation, every process playing its share of the tasks with the current weights."""
-        with sampler.serving(model):
-            metrics, samples = evaluate(agent, make_env, shard(args.eval_tasks), args.eval_max_steps,
-                                        args.eval_temperature, args.seed + 1000 * iteration, model, tokenizer,
-                                        REVISION_THOUGHTS[: args.revision_thoughts])
-        log.samples(iteration, samples[: args.log_samples])
+        """The held-out evaluations (held-out goals as eval/..., held-out seeds of training goals as
+        eval_seen/...), every process playing its share of the tasks with the current weights."""
+        metrics = {}
+        for prefix, tasks in (("eval", args.eval_tasks), ("eval_seen", args.eval_seen_tasks)):
+            if not tasks:
+                continue
+            with sampler.serving(model):
+                found, samples = evaluate(agent, make_env, shard(tasks), args.eval_max_steps, args.eval_temperature,
+                                          args.seed + 1000 * iteration, model, tokenizer,
+                                          REVISION_THOUGHTS[: args.revision_thoughts])
+            metrics |= {key.replace("eval/", f"{prefix}/", 1): value for key, value in found.items()}
+            log.samples(iteration, [row | {"set": prefix} for row in samples[: args.log_samples]])
         return metrics
 
     if done_iterations == 0:
@@ -984,7 +1001,7 @@ def train(args: Args) -> Path:
         log.plot(plotted, title=title)
         checkpoint = save_checkpoint(accelerator, run_dir, iteration, {"args": dataclasses.asdict(args)},
                                      {"policy": model}, tokenizer)
-        shown = ("eval/", "data/first", "search/success")
+        shown = ("eval/", "eval_seen/", "data/first", "search/success")
         accelerator.print(f"iteration {iteration}: " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items()
                                                                if k.startswith(shown)))
     log.close()

@@ -38,11 +38,12 @@ class WarmStart:
     - the ten revision thoughts as plain chat replies: an instruct model can already write these
       sentences, a fresh tiny model cannot, and learning them from nothing in Phase II swamps it.
     The last two are the "general chat" of the CPU run (`--general-data warm-start`), mixed into Phase II
-    at η as the paper mixes ShareGPT. Held-out tasks are never demonstrated."""
+    at η as the paper mixes ShareGPT. Held-out goals and held-out seeds are never demonstrated."""
 
     recipes: str = "synthetic"
     instruction: str = CPU_INSTRUCTION
-    held_out: tuple[int, ...] = ()  # held-out task indices inside train_pool: never demonstrated
+    held_out: tuple[int, ...] = agent_r.synthetic_eval_tasks()  # held-out goals (task indices): never demonstrated
+    held_out_seeds: tuple[int, ...] = ()  # held-out task indices inside train_pool: never demonstrated
     train_pool: int = 880
     demonstrations: int = 400
     noise: float = 0.3
@@ -83,7 +84,7 @@ def _train_warm_start(config: WarmStart, folder: Path) -> None:
 
     env = TextCraft.from_source(config.recipes, config.instruction)
     rng = random.Random(config.seed)
-    pool = training_pool(config.train_pool, config.held_out)
+    pool = training_pool(config.train_pool, env.num_tasks(), config.held_out, config.held_out_seeds)
     demonstrations, steps = [], []  # conversations; DemonstrationSteps
     for task in rng.sample(pool, min(config.demonstrations, len(pool))):
         start = opening(env, task)
@@ -141,12 +142,14 @@ DESCRIPTION = (
     "uncorrected mistake), 400 verifier answers labelled by the environment and 50 replies that are the revision "
     "thoughts (`tasks/tiny_textcraft.py`, `WarmStart()`). The last two are its general chats, `general.jsonl`, "
     "which `python agent_r.py` mixes into Phase II (`--general-data warm-start`); the run starts from this model "
-    "(`--model tiny-textcraft`). The CPU default's held-out tasks are never demonstrated. The build takes 2-3 "
-    "minutes on 2 idle cores and up to 10 on a busy machine, its held-out evaluation 2-3 more.")
+    "(`--model tiny-textcraft`). The CPU default's held-out goals and held-out seeds of training goals are never "
+    "demonstrated. The build takes 2-3 minutes on 2 idle cores and up to 10 on a busy machine, its held-out "
+    "evaluation 2-3 more.")
 
 
 def evaluate_on_the_cpu_default(model_dir: Path) -> dict:
-    """The held-out evaluation `python agent_r.py` makes before its first iteration (iteration 0)."""
+    """The held-out evaluations `python agent_r.py` makes before its first iteration (iteration 0): held-out
+    goals (eval/...) and held-out seeds of training goals (eval_seen/...)."""
     from common.models import load_policy
     from common.sampling import HFSampler
 
@@ -155,11 +158,13 @@ def evaluate_on_the_cpu_default(model_dir: Path) -> dict:
     model, tokenizer = load_policy(str(model_dir), cpu.dtype, cpu.gradient_checkpointing)
     sampler = HFSampler(model, tokenizer)
     agent = agent_r.Agent(sampler, cpu.max_new_tokens, cpu.verifier_max_new_tokens)
-    with sampler.serving(model):
-        metrics, _ = agent_r.evaluate(agent, lambda: TextCraft(env.rules, env.instruction, client=env.client),
-                                      cpu.eval_tasks,
-                                      cpu.eval_max_steps, cpu.eval_temperature, cpu.seed, model, tokenizer,
-                                      REVISION_THOUGHTS[: cpu.revision_thoughts])
+    metrics = {}
+    for prefix, tasks in (("eval", cpu.eval_tasks), ("eval_seen", cpu.eval_seen_tasks)):
+        with sampler.serving(model):
+            found, _ = agent_r.evaluate(agent, lambda: TextCraft(env.rules, env.instruction, client=env.client), tasks,
+                                        cpu.eval_max_steps, cpu.eval_temperature, cpu.seed, model, tokenizer,
+                                        REVISION_THOUGHTS[: cpu.revision_thoughts])
+        metrics |= {key.replace("eval/", f"{prefix}/", 1): value for key, value in found.items()}
     return metrics
 
 
@@ -172,10 +177,13 @@ def rebuild() -> Path:
         metrics = evaluate_on_the_cpu_default(folder)
         (folder / "evaluation.json").write_text(json.dumps(metrics, indent=2))
         final_loss = json.loads((folder / "warm_start.json").read_text())["final_loss"]
-        return (f"final SFT loss {final_loss:.3f} (`warm_start.json`); on the CPU default's "
-                f"{len(agent_r.parse_args([]).eval_tasks)} held-out tasks, greedy, as `python agent_r.py` "
-                f"evaluates it before its first iteration: success {metrics['eval/success_rate']:.1%}, recovery "
-                f"from a forced failed prefix {metrics['eval/recovery_rate']:.1%} (`evaluation.json`)")
+        cpu = agent_r.parse_args([])
+        return (f"final SFT loss {final_loss:.3f} (`warm_start.json`); greedy, as `python agent_r.py` evaluates it "
+                f"before its first iteration (`evaluation.json`): on the CPU default's {len(cpu.eval_tasks)} held-out "
+                f"goals, success {metrics['eval/success_rate']:.1%}, recovery from a forced failed prefix "
+                f"{metrics['eval/recovery_rate']:.1%}; on its {len(cpu.eval_seen_tasks)} held-out seeds of training "
+                f"goals, success {metrics['eval_seen/success_rate']:.1%}, recovery "
+                f"{metrics['eval_seen/recovery_rate']:.1%}")
 
     return rebuild_shipped("tiny-textcraft", build, DESCRIPTION, {"key": config.key(), **dataclasses.asdict(config)})
 

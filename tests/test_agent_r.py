@@ -632,22 +632,29 @@ def test_arguments_that_cannot_work_stop_with_the_fix():
     with pytest.raises(ValueError, match="pick 1 to 10"):
         agent_r.parse_args(["--revision-thoughts", "0"])
     cpu = agent_r.parse_args([])
-    assert cpu.eval_tasks == agent_r.synthetic_eval_tasks(cpu.train_pool)
+    assert cpu.eval_tasks == agent_r.synthetic_eval_tasks()
+    assert cpu.eval_seen_tasks == agent_r.synthetic_seen_tasks(cpu.train_pool)
     with pytest.raises(ValueError, match="leaves no training task"):
-        agent_r.training_pool(2, [0, 1])
+        agent_r.training_pool(4, 2, [0, 1])
 
 
-def test_held_out_tasks_are_never_in_the_training_pool(synthetic_env):
-    assert agent_r.training_pool(6, [1, 4, 9]) == [0, 2, 3, 5]
+def test_no_held_out_goal_or_seed_is_ever_trained_on(synthetic_env):
+    assert agent_r.training_pool(6, 4, [1]) == [0, 2, 3, 4]  # index 5 names goal 1 again
+    assert agent_r.training_pool(10, 4, [1], held_out_seeds=[8]) == [0, 2, 3, 4, 6, 7]
     cpu = agent_r.parse_args([])
-    pool = agent_r.training_pool(cpu.train_pool, cpu.eval_tasks)
-    assert not set(pool) & set(cpu.eval_tasks) and len(pool) == cpu.train_pool
-    # the CPU default's held-out tasks cover every depth; 14 of 22 show a recipe list no training index shows
-    # (a goal with few recipe lines has few orders, so the other 8 coincide with a trained task)
-    goals = [synthetic_env.goal_list[t % synthetic_env.num_tasks()] for t in cpu.eval_tasks]
-    assert {synthetic_env.rules.depth(g) for g in goals} == {1, 2, 3, 4}
-    recipe_lists = {synthetic_env.reset(t) for t in pool}
-    assert sum(synthetic_env.reset(t) not in recipe_lists for t in cpu.eval_tasks) == 14
+    num_goals = synthetic_env.num_tasks()
+    pool = agent_r.training_pool(cpu.train_pool, num_goals, cpu.eval_tasks, cpu.eval_seen_tasks)
+    goal = lambda task: synthetic_env.goal_list[task % num_goals]  # noqa: E731
+    held_out_goals = {goal(t) for t in cpu.eval_tasks}
+    assert len(held_out_goals) == 11 and not held_out_goals & {goal(t) for t in pool}
+    assert {synthetic_env.rules.depth(g) for g in held_out_goals} == {1, 2, 3, 4}
+    # the held-out seeds are indices outside the pool whose goals are trained on
+    assert not set(pool) & set(cpu.eval_seen_tasks) and len(cpu.eval_seen_tasks) == 22
+    assert {goal(t) for t in cpu.eval_seen_tasks} <= {goal(t) for t in pool}
+    # the shipped tiny agent's demonstrations leave out the same goals
+    from tasks.tiny_textcraft import WarmStart
+
+    assert WarmStart().held_out == cpu.eval_tasks and WarmStart().train_pool == cpu.train_pool
 
 
 def test_a_revision_turn_is_answered_ok_and_not_executed_as_in_training(synthetic_env):

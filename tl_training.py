@@ -163,7 +163,8 @@ class Args:
     """responses written to samples.jsonl (and printed at checkpoints) per PPO step."""
     compare_plain_sft: bool = False
     """also train plain SFT (no MAE, weights 1) on the same data for the same steps, and evaluate it
-    beside the others (the paper's baseline)."""
+    beside the others (the paper's baseline); with the "irm" stage, also run the same PPO from it (the
+    ablation's "+IRM" row), which shows what IRM removes when SFT has left errors."""
 
 
 # Scale presets: plain overrides applied before the command line, which wins over them.
@@ -1186,7 +1187,7 @@ def train(args: Args) -> Path:
     # --resume skips a finished stage here, before its models are loaded
     if "sft" in args.stages:
         if args.compare_plain_sft:
-            _, evaluations["plain SFT"] = finished(run_dir / "plain_sft", args.resume) or run_sft(
+            plain_model, evaluations["plain SFT"] = finished(run_dir / "plain_sft", args.resume) or run_sft(
                 args, run_dir / "plain_sft", model, conversations, False, 1.0, eval_targets)
         techniques = " + ".join(["SFT"] + ["MAE"] * ("mae" in args.stages) + ["PKT"] * (args.w_max > 1))
         model, evaluations[techniques] = finished(run_dir / "sft", args.resume) or run_sft(
@@ -1196,6 +1197,9 @@ def train(args: Args) -> Path:
         targets = [t for c in conversations for t in call_targets(c)]
         _, evaluations["+ IRM (PPO)"] = finished(run_dir / "irm", args.resume) or run_irm(
             args, run_dir / "irm", model, targets, eval_targets)
+        if "sft" in args.stages and args.compare_plain_sft:
+            _, evaluations["plain SFT + IRM (PPO)"] = finished(run_dir / "plain_sft_irm", args.resume) or run_irm(
+                args, run_dir / "plain_sft_irm", str(plain_model), targets, eval_targets)
 
     (run_dir / "evaluations.json").write_text(json.dumps(evaluations, indent=2))
     plot_error_categories(evaluations, run_dir / "error_categories.png",

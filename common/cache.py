@@ -25,6 +25,7 @@ REBUILD_COMMANDS = {
     "tiny-arithmetic-quick": "python -m tasks.arithmetic --rebuild --quick",
     "tiny-tool-use": "python -m tasks.tiny_tool_use --rebuild",
     "tiny-textcraft": "python -m tasks.tiny_textcraft --rebuild",
+    "tiny-chains": "python -m tasks.chains --rebuild",
 }
 
 

@@ -13,18 +13,21 @@ import common.cache
 from common.cache import REBUILD_COMMANDS, build_once, rebuild_shipped, shipped_model
 
 RECORDS = {"tiny-arithmetic": "warm_start.json", "tiny-arithmetic-quick": "warm_start.json",
-           "tiny-tool-use": "tiny_base.json", "tiny-textcraft": "warm_start.json"}
+           "tiny-tool-use": "tiny_base.json", "tiny-textcraft": "warm_start.json",
+           "tiny-chains": "warm_start.json"}
 
 
 def default_keys() -> dict[str, str]:
     """The key of each shipped model's config as its builder defines it today."""
     from tasks import arithmetic
+    from tasks.chains import ChainWarmStart
     from tasks.tiny_textcraft import WarmStart
     from tasks.tiny_tool_use import TinyBase
 
     return {"tiny-arithmetic": arithmetic.SHIPPED["tiny-arithmetic"].key(),
             "tiny-arithmetic-quick": arithmetic.SHIPPED["tiny-arithmetic-quick"].key(),
-            "tiny-tool-use": TinyBase().key(), "tiny-textcraft": WarmStart().key()}
+            "tiny-tool-use": TinyBase().key(), "tiny-textcraft": WarmStart().key(),
+            "tiny-chains": ChainWarmStart().key()}
 
 
 @pytest.mark.parametrize("name", sorted(REBUILD_COMMANDS))

@@ -43,8 +43,9 @@ import tyro
 @dataclass
 class Args:
     # ---- where things come from and go ----
-    scale: Literal["cpu", "paper"] = "cpu"
-    """"cpu": a tiny model on the synthetic task, minutes on a laptop; "paper": VAPO §5.1's model, data,
+    scale: Literal["cpu", "cpu-long", "paper"] = "cpu"
+    """"cpu": a tiny model on the synthetic task, minutes on a laptop; "cpu-long": a tiny model on chains of 2 to
+    40 operations (tasks/chains.py), answers of 25-510 tokens; "paper": VAPO §5.1's model, data,
     batch sizes, learning rates and lengths. Applied first; any flag given explicitly wins."""
     preset: Literal["vapo", "vanilla-ppo"] = "vapo"
     """"vapo": all seven techniques; "vanilla-ppo": all seven off (VAPO §5.1's baseline). Applied after
@@ -198,6 +199,13 @@ SCALES = {
         tensor_parallel_size=1,
     ),
 }
+# The cpu scale on tasks/chains.py: answers of 25-510 tokens in one batch, the longest twenty times the shortest.
+# α = 1 gives λ_policy of 0.96-0.998 at these lengths, the range 0.05 gives at the paper's thousands of tokens.
+SCALES["cpu-long"] = dict(
+    SCALES["cpu"], model="tiny-chains", data="synthetic-chains", eval_data="synthetic-chains",
+    prompts_per_step=32, mini_batch_size=128, micro_batch_tokens=8192, max_new_tokens=560, eval_prompts=200,
+    eval_samples=1,
+)
 PRESETS = {
     "vapo": {},
     "vanilla-ppo": dict(
@@ -469,6 +477,10 @@ def load_prompts(source: str, split: str) -> list[dict]:
 
     if source == "synthetic-arithmetic":
         return ArithmeticTask().rows(20000 if split == "train" else 1000, split)
+    if source == "synthetic-chains":
+        from tasks.chains import ChainTask
+
+        return ChainTask().rows(20000 if split == "train" else 1000, split)
     rows = load_rows(source, split)
     for index, row in enumerate(rows):
         require(row, index, source, "prompt", list)
@@ -477,10 +489,28 @@ def load_prompts(source: str, split: str) -> list[dict]:
 
 
 def resolve_model(name: str) -> str:
-    """A hub id or a directory as given; "tiny-arithmetic" is the warm-started tiny model shipped in models/."""
+    """A hub id or a directory as given; "tiny-arithmetic" and "tiny-chains" are the warm-started tiny models
+    shipped in models/."""
     from common.cache import shipped_model
 
-    return shipped_model(name) if name == "tiny-arithmetic" else name
+    return shipped_model(name) if name in ("tiny-arithmetic", "tiny-chains") else name
+
+
+def length_bucket_accuracy(num_steps: list[int], correct: list[bool]) -> dict[str, float]:
+    """eval/accuracy_len_A-B: accuracy over the samples of the chains of A to B operations (tasks/chains.py's
+    buckets), over every process's samples; buckets without a sample are left out."""
+    from common.distributed import sum_over_ranks
+    from tasks.chains import LENGTH_BUCKETS, length_bucket
+
+    names = [f"{low}-{high}" for low, high in LENGTH_BUCKETS]
+    counts = [0] * (2 * len(names))  # hits and samples of each bucket
+    for steps, right in zip(num_steps, correct):
+        index = names.index(length_bucket(steps))
+        counts[2 * index] += bool(right)
+        counts[2 * index + 1] += 1
+    counts = sum_over_ranks(counts)
+    return {f"eval/accuracy_len_{name}": counts[2 * i] / counts[2 * i + 1]
+            for i, name in enumerate(names) if counts[2 * i + 1]}
 
 
 def evaluation_seed(seed: int, step: int) -> int:
@@ -660,6 +690,10 @@ def train(args: Args) -> Path:
                "value/group_baseline_explained_variance", "value/loss", "policy/clipfrac_high", "policy/clipfrac_low",
                "policy/approx_kl", "policy/entropy", "policy/nll_loss", "response/truncated_frac",
                "gae/lambda_policy_mean", "time/step_s"]
+    if args.eval_data == "synthetic-chains":
+        from tasks.chains import LENGTH_BUCKETS
+
+        plotted[1:1] = [f"eval/accuracy_len_{low}-{high}" for low, high in LENGTH_BUCKETS]
 
     def evaluate(step: int) -> dict:
         """avg@k accuracy on the held-out prompts with the eval sampling settings (VAPO §5.1), sampled from the
@@ -669,10 +703,13 @@ def train(args: Args) -> Path:
             samples = sampler.generate([r["prompt"] for r in rows], n=args.eval_samples, max_new_tokens=args.max_new_tokens,
                                        temperature=args.eval_temperature, top_p=args.eval_top_p,
                                        seed=evaluation_seed(args.seed, step))
-        correct = sum(check_math_answer(s.text, str(rows[s.prompt_index]["reward_model"]["ground_truth"])).correct
-                      for s in samples)
-        hits, total = sum_over_ranks([correct, len(samples)])
-        return {"eval/accuracy": hits / total}
+        correct = [check_math_answer(s.text, str(rows[s.prompt_index]["reward_model"]["ground_truth"])).correct
+                   for s in samples]
+        hits, total = sum_over_ranks([sum(correct), len(samples)])
+        if args.eval_data != "synthetic-chains":
+            return {"eval/accuracy": hits / total}
+        steps = [rows[s.prompt_index]["extra_info"]["num_steps"] for s in samples]
+        return {"eval/accuracy": hits / total} | length_bucket_accuracy(steps, correct)
 
     if start_step == 0:
         first = evaluate(0)

@@ -16,10 +16,10 @@ n steps is right about (1 - p)^n of the time.
 
 A chain applies two moves in turns, and each line of the solution (right) carries the number of steps still to
 go, the running total and the move: every step reads only the line before it and the prompt's two moves, and the
-line numbered 1 is the last. The model has no position in a long prompt to find and no count to compare, two
-things the 1M-parameter base did not learn within a CPU budget (a prompt listing 40 numbered operands; lines
-counted up to the prompt's step count). Rows use the DAPO-Math-17k schema, as tasks/arithmetic.py's do, with
-`extra_info.num_steps`; the answer is checked on the last line by the same checker as AIME.
+line numbered 1 is the last: the model has no position in a long prompt to find and no count to compare. Two
+formats that need them did not train within the build's budget (docs/vapo.md, "The long task"). Rows use the
+DAPO-Math-17k schema, as tasks/arithmetic.py's do, with `extra_info.num_steps`; the answer is checked on the last
+line by the same checker as AIME.
 
 The base model, models/tiny-chains, continues models/tiny-arithmetic (same tokenizer and size) by SFT on gold
 chains, stopped inside a base-accuracy window:

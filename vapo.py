@@ -811,6 +811,7 @@ def train(args: Args) -> Path:
         done = step + 1
         if done % args.eval_every == 0 or done == args.total_steps:
             metrics |= evaluate(done)
+            progress.write(f"step {done}: held-out accuracy {metrics['eval/accuracy']:.1%}")
         log.metrics(done, metrics)
         examples = [{"prompt": prompts[s.prompt_index]["prompt"][-1]["content"], "completion": s.text,
                      "reward": float(rewards[i].sum()), "advantage_mean": float((advantages[i] * mask[i]).sum() / lengths[i])}
@@ -831,4 +832,3 @@ def train(args: Args) -> Path:
 
 if __name__ == "__main__":
     train(parse_args())
-            progress.write(f"step {done}: held-out accuracy {metrics['eval/accuracy']:.1%}")

@@ -794,7 +794,10 @@ def resolve_model(args: Args) -> str:
                        held_out=args.eval_tasks,
                        held_out_seeds=tuple(task for task in args.eval_seen_tasks if task < args.train_pool),
                        train_pool=args.train_pool)
-    if config == WarmStart():
+    shipped = WarmStart()
+    # held-out tasks that are a subset of the shipped agent's held-out sets were never trained on either
+    if (dataclasses.replace(config, held_out=shipped.held_out, held_out_seeds=shipped.held_out_seeds) == shipped
+            and set(config.held_out) <= set(shipped.held_out) and set(config.held_out_seeds) <= set(shipped.held_out_seeds)):
         return shipped_model("tiny-textcraft")
     return str(warm_start(config, CACHE_DIR / f"tiny-textcraft-{config.key()}"))
 

@@ -717,3 +717,21 @@ def test_one_iteration_end_to_end_and_resume(tiny_model_dir, tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert [t.stat().st_mtime_ns for t in trees] == stamps  # iteration 1 was not searched again
     assert (run_dir / "checkpoint-000002").is_dir()
+
+
+def test_the_shipped_agent_serves_any_subset_of_its_held_out_tasks(monkeypatch):
+    """A run that evaluates fewer held-out tasks (the notebook's short run) uses the shipped tiny agent; a held-out
+    task the shipped agent may have trained on needs an agent built without it."""
+    import tasks.tiny_textcraft
+
+    built = []
+    monkeypatch.setattr(tasks.tiny_textcraft, "warm_start", lambda config, out_dir: built.append(config) or out_dir)
+    cpu = agent_r.parse_args([])
+    shipped = str(agent_r.resolve_model(cpu))
+    assert shipped.endswith("models/tiny-textcraft") and not built
+    fewer = agent_r.parse_args(["--eval-tasks", *map(str, cpu.eval_tasks[::3]),
+                                "--eval-seen-tasks", *map(str, cpu.eval_seen_tasks[::3])])
+    assert str(agent_r.resolve_model(fewer)) == shipped and not built
+    trained_on = next(task for task in agent_r.training_pool(cpu.train_pool, 10_000, cpu.eval_tasks, cpu.eval_seen_tasks))
+    other = agent_r.parse_args(["--eval-seen-tasks", *map(str, cpu.eval_seen_tasks), str(trained_on)])
+    assert str(agent_r.resolve_model(other)) != shipped and built[0].held_out_seeds[-1] == trained_on

@@ -79,8 +79,8 @@ class LLM:
         self.events.append("wake:" + ",".join(tags or ["all"]))
 
     def collective_rpc(self, method: str, kwargs: dict) -> None:
-        if method != "reload_weights":
-            raise NotImplementedError(method)
+        if method != "reload_weights":  # the only call the sampler makes; any other is a change to catch
+            raise RuntimeError(f"the stand-in engine answers collective_rpc('reload_weights') only, not {method!r}")
         if not self.awake["weights"]:
             raise RuntimeError("weights pushed into a sleeping engine")
         own = dict(self.model.named_parameters()) | dict(self.model.named_buffers())

@@ -500,17 +500,12 @@ def length_bucket_accuracy(num_steps: list[int], correct: list[bool]) -> dict[st
     """eval/accuracy_len_A-B: accuracy over the samples of the chains of A to B operations (tasks/chains.py's
     buckets), over every process's samples; buckets without a sample are left out."""
     from common.distributed import sum_over_ranks
-    from tasks.chains import LENGTH_BUCKETS, length_bucket
+    from tasks.chains import bucket_counts
 
-    names = [f"{low}-{high}" for low, high in LENGTH_BUCKETS]
-    counts = [0] * (2 * len(names))  # hits and samples of each bucket
-    for steps, right in zip(num_steps, correct):
-        index = names.index(length_bucket(steps))
-        counts[2 * index] += bool(right)
-        counts[2 * index + 1] += 1
-    counts = sum_over_ranks(counts)
-    return {f"eval/accuracy_len_{name}": counts[2 * i] / counts[2 * i + 1]
-            for i, name in enumerate(names) if counts[2 * i + 1]}
+    counts = bucket_counts(num_steps, correct)
+    totals = sum_over_ranks([n for right_and_total in counts.values() for n in right_and_total])
+    return {f"eval/accuracy_len_{name}": totals[2 * i] / totals[2 * i + 1]
+            for i, name in enumerate(counts) if totals[2 * i + 1]}
 
 
 def evaluation_seed(seed: int, step: int) -> int:

@@ -56,14 +56,19 @@ def length_bucket(num_steps: int) -> str:
     raise ValueError(f"a chain of {num_steps} operations is outside every bucket of {LENGTH_BUCKETS}")
 
 
+def bucket_counts(num_steps: list[int], correct: list[bool]) -> dict[str, list[int]]:
+    """[right, total] per length bucket, every bucket in the buckets' order."""
+    counts = {f"{low}-{high}": [0, 0] for low, high in LENGTH_BUCKETS}
+    for steps, right in zip(num_steps, correct):
+        bucket = counts[length_bucket(steps)]
+        bucket[0] += bool(right)
+        bucket[1] += 1
+    return counts
+
+
 def bucket_accuracy(num_steps: list[int], correct: list[bool]) -> dict[str, float]:
     """Accuracy per length bucket, over the buckets that hold at least one chain, in the buckets' order."""
-    hits: dict[str, list[int]] = {f"{low}-{high}": [0, 0] for low, high in LENGTH_BUCKETS}
-    for steps, right in zip(num_steps, correct):
-        counts = hits[length_bucket(steps)]
-        counts[0] += bool(right)
-        counts[1] += 1
-    return {name: right / total for name, (right, total) in hits.items() if total}
+    return {name: right / total for name, (right, total) in bucket_counts(num_steps, correct).items() if total}
 
 
 class Move(NamedTuple):

@@ -135,13 +135,18 @@ QUICK_WARM_START = WarmStartConfig(task=ArithmeticTask(max_terms=5, max_operand=
                                    eval_rows=100, eval_every=10, target_accuracy=0.25)
 
 
-def greedy_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 80, batch_size: int = 256) -> float:
-    """Share of `rows` whose greedy completion has the right final answer."""
+def greedy_answers(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = 256):
+    """The greedy completion of each row and whether its final answer is right: (samples, correct)."""
     from common.sampling import HFSampler
 
     sampler = HFSampler(model, tokenizer, batch_size=batch_size)
     samples = sampler.generate([r["prompt"] for r in rows], n=1, max_new_tokens=max_new_tokens, temperature=0.0)
-    correct = [check_math_answer(s.text, r["reward_model"]["ground_truth"]).correct for s, r in zip(samples, rows)]
+    return samples, [check_math_answer(s.text, r["reward_model"]["ground_truth"]).correct for s, r in zip(samples, rows)]
+
+
+def greedy_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 80, batch_size: int = 256) -> float:
+    """Share of `rows` whose greedy completion has the right final answer."""
+    _, correct = greedy_answers(model, tokenizer, rows, max_new_tokens, batch_size)
     return sum(correct) / len(correct)
 
 

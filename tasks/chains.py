@@ -41,8 +41,7 @@ from typing import NamedTuple
 import torch
 
 from common.cache import MODELS_DIR, build_once, config_key, rebuild_shipped
-from common.rewards import check_math_answer
-from tasks.arithmetic import SYSTEM_PROMPT
+from tasks.arithmetic import SYSTEM_PROMPT, greedy_answers
 
 # Held-out accuracy is reported per bucket of chain length (number of operations), inclusive ranges.
 LENGTH_BUCKETS = ((2, 5), (6, 10), (11, 20), (21, 30), (31, 40))
@@ -175,11 +174,7 @@ class ChainWarmStart:
 
 def evaluate_chains(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = 256) -> dict:
     """Greedy held-out accuracy, overall and per length bucket."""
-    from common.sampling import HFSampler
-
-    sampler = HFSampler(model, tokenizer, batch_size=batch_size)
-    samples = sampler.generate([r["prompt"] for r in rows], n=1, max_new_tokens=max_new_tokens, temperature=0.0)
-    correct = [check_math_answer(s.text, r["reward_model"]["ground_truth"]).correct for s, r in zip(samples, rows)]
+    samples, correct = greedy_answers(model, tokenizer, rows, max_new_tokens, batch_size)
     return {"accuracy": sum(correct) / len(correct),
             "buckets": bucket_accuracy([r["extra_info"]["num_steps"] for r in rows], correct),
             "example": samples[0].text}

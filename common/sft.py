@@ -166,3 +166,59 @@ def sft_train(
             break
     model.eval()
     return losses
+
+
+def sft_into_accuracy_window(
+    model,
+    examples: Sequence[dict],
+    evaluate: Callable[[], dict],
+    accuracy_window: tuple[float, float],
+    target_accuracy: float,
+    eval_every: int,
+    max_steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    micro_batch_size: int | None = None,
+    describe: Callable[[int, float, dict], str] | None = None,
+) -> tuple[int, dict, list[dict]]:
+    """Warm-start `model` by SFT until an evaluation reaches `target_accuracy`, and keep the last model whose
+    accuracy lies inside `accuracy_window` (accuracy can jump past the window between two evaluations).
+
+    `evaluate()` measures the model in place and returns a dict with at least `accuracy`; it runs every
+    `eval_every` steps. `describe(step, loss, evaluation)`, if given, is printed at each evaluation. Returns the
+    kept step, its evaluation and every evaluation as `{"step", "loss", **evaluation}`; `model` holds the kept
+    weights. The training runs on one thread (the caller's thread count is given back): the kept model is chosen
+    at an evaluation, so the last bits of the arithmetic decide it, and one thread makes them independent of the
+    number of cores (they still depend on the CPU's instruction set).
+    """
+    low, high = accuracy_window
+    kept = {"weights": None, "step": 0, "evaluation": None}
+    history = []
+
+    def at_step(step: int, loss: float) -> bool:
+        if (step + 1) % eval_every:
+            return False
+        evaluation = evaluate()
+        model.train()
+        history.append({"step": step + 1, "loss": loss, **evaluation})
+        if describe is not None:
+            print(describe(step + 1, loss, evaluation), flush=True)
+        if low <= evaluation["accuracy"] <= high:
+            kept.update(weights={k: v.clone() for k, v in model.state_dict().items()}, step=step + 1,
+                        evaluation=evaluation)
+        return evaluation["accuracy"] >= target_accuracy
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        sft_train(model, examples, max_steps, batch_size, lr, seed=seed, callback=at_step,
+                  progress=describe is not None, micro_batch_size=micro_batch_size)
+    finally:
+        torch.set_num_threads(threads)
+    if kept["weights"] is None:
+        raise RuntimeError(f"the warm start never reached held-out accuracy in [{low:.0%}, {high:.0%}] within "
+                           f"{max_steps} steps; raise max_steps or lr in its config")
+    model.load_state_dict(kept["weights"])
+    return kept["step"], kept["evaluation"], history

@@ -24,8 +24,6 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from common.cache import build_once, config_key, rebuild_shipped
 from common.rewards import check_math_answer
 
@@ -163,7 +161,7 @@ def warm_start(config: WarmStartConfig, out_dir: Path, progress: bool = True) ->
 
 def _train_warm_start(config: WarmStartConfig, folder: Path, progress: bool) -> None:
     from common.models import build_tiny_model, load_policy
-    from common.sft import tokenize_chat
+    from common.sft import sft_into_accuracy_window, tokenize_chat
 
     build_tiny_model(folder, tiny_corpus(), hidden_size=config.hidden_size, num_layers=config.num_layers,
                      seed=config.seed)
@@ -174,42 +172,15 @@ def _train_warm_start(config: WarmStartConfig, folder: Path, progress: bool) -> 
         chat = tokenize_chat(tokenizer, messages, trained=[False] * len(row["prompt"]) + [True])
         examples.append({"input_ids": chat.input_ids, "labels": chat.labels})
     eval_rows = config.task.rows(config.eval_rows, "test")
-    low, high = config.accuracy_window
-    state = {"kept": None, "accuracy": 0.0, "step": 0}
-
-    def evaluate(step: int, loss: float) -> bool:
-        if (step + 1) % config.eval_every:
-            return False
-        accuracy = greedy_accuracy(model, tokenizer, eval_rows)
-        model.train()
-        if progress:
-            print(f"warm start: step {step + 1} loss {loss:.3f} held-out accuracy {accuracy:.1%}")
-        if low <= accuracy <= high:
-            state.update(kept={k: v.clone() for k, v in model.state_dict().items()}, accuracy=accuracy, step=step + 1)
-        return accuracy >= config.target_accuracy
-
-    from common.sft import sft_train
-
-    # The model kept is chosen at an evaluation, and accuracy can jump by 30 points between two of them, so the
-    # last bits of the arithmetic decide which model is kept: one thread makes them independent of the number
-    # of cores (they still depend on the CPU's instruction set).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(config.seed)
-        sft_train(model, examples, config.max_steps, config.batch_size, config.lr, seed=config.seed,
-                  callback=evaluate, progress=progress)
-    finally:
-        torch.set_num_threads(threads)
-    if state["kept"] is None:
-        raise RuntimeError(
-            f"the warm start never reached held-out accuracy in [{low:.0%}, {high:.0%}] within "
-            f"{config.max_steps} steps; raise max_steps or lr in WarmStartConfig"
-        )
-    model.load_state_dict(state["kept"])
+    step, evaluation, _ = sft_into_accuracy_window(
+        model, examples, lambda: {"accuracy": greedy_accuracy(model, tokenizer, eval_rows)},
+        config.accuracy_window, config.target_accuracy, config.eval_every, config.max_steps, config.batch_size,
+        config.lr, config.seed,
+        describe=(lambda step, loss, e: f"warm start: step {step} loss {loss:.3f} held-out accuracy "
+                                        f"{e['accuracy']:.1%}") if progress else None)
     model.save_pretrained(folder)
     (folder / "warm_start.json").write_text(
-        json.dumps({"accuracy": state["accuracy"], "step": state["step"], "config": asdict(config),
+        json.dumps({"accuracy": evaluation["accuracy"], "step": step, "config": asdict(config),
                     "key": config.key()}, indent=2)
     )
 

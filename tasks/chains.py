@@ -38,8 +38,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
-
 from common.cache import MODELS_DIR, build_once, config_key, rebuild_shipped
 from tasks.arithmetic import SYSTEM_PROMPT, greedy_answers
 
@@ -190,7 +188,7 @@ def _train_warm_start(config: ChainWarmStart, folder: Path, progress: bool) -> N
     `eval_every` steps on held-out chains; training stops at the first evaluation that reaches `target_accuracy`,
     and the last model inside `accuracy_window` is kept. What was measured goes to `warm_start.json`."""
     from common.models import load_policy
-    from common.sft import sft_train, tokenize_chat
+    from common.sft import sft_into_accuracy_window, tokenize_chat
 
     for path in config.base_folder().iterdir():
         if path.suffix in {".json", ".jinja", ".safetensors"} and path.name != "warm_start.json":
@@ -203,42 +201,19 @@ def _train_warm_start(config: ChainWarmStart, folder: Path, progress: bool) -> N
         chat = tokenize_chat(tokenizer, messages, trained=[False] * len(row["prompt"]) + [True])
         examples.append({"input_ids": chat.input_ids, "labels": chat.labels})
     eval_rows = config.task.rows(config.eval_rows, "test")
-    low, high = config.accuracy_window
-    state = {"kept": None, "step": 0, "evaluation": None, "history": []}
 
-    def evaluate(step: int, loss: float) -> bool:
-        if (step + 1) % config.eval_every:
-            return False
-        evaluation = evaluate_chains(model, tokenizer, eval_rows, config.max_new_tokens)
-        model.train()
-        state["history"].append({"step": step + 1, "loss": loss, **evaluation})
-        if progress:
-            buckets = " ".join(f"{k}:{v:.0%}" for k, v in evaluation["buckets"].items())
-            print(f"chains warm start: step {step + 1} loss {loss:.3f} held-out accuracy "
-                  f"{evaluation['accuracy']:.1%} ({buckets}); a completion: {evaluation['example']!r}", flush=True)
-        if low <= evaluation["accuracy"] <= high:
-            state.update(kept={k: v.clone() for k, v in model.state_dict().items()}, step=step + 1,
-                         evaluation=evaluation)
-        return evaluation["accuracy"] >= config.target_accuracy
+    def describe(step: int, loss: float, evaluation: dict) -> str:
+        buckets = " ".join(f"{k}:{v:.0%}" for k, v in evaluation["buckets"].items())
+        return (f"chains warm start: step {step} loss {loss:.3f} held-out accuracy {evaluation['accuracy']:.1%} "
+                f"({buckets}); a completion: {evaluation['example']!r}")
 
-    # one thread: the kept model is chosen at an evaluation, and one thread makes the arithmetic independent of
-    # the number of cores (tasks/arithmetic.py's warm start does the same)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(config.seed)
-        sft_train(model, examples, config.max_steps, config.batch_size, config.lr, seed=config.seed,
-                  callback=evaluate, progress=progress, micro_batch_size=config.micro_batch_size)
-    finally:
-        torch.set_num_threads(threads)
-    if state["kept"] is None:
-        raise RuntimeError(f"the chains warm start never reached held-out accuracy in [{low:.0%}, {high:.0%}] "
-                           f"within {config.max_steps} steps; raise max_steps or lr in ChainWarmStart")
-    model.load_state_dict(state["kept"])
+    step, evaluation, history = sft_into_accuracy_window(
+        model, examples, lambda: evaluate_chains(model, tokenizer, eval_rows, config.max_new_tokens),
+        config.accuracy_window, config.target_accuracy, config.eval_every, config.max_steps, config.batch_size,
+        config.lr, config.seed, micro_batch_size=config.micro_batch_size, describe=describe if progress else None)
     model.save_pretrained(folder)
-    record = {"accuracy": state["evaluation"]["accuracy"], "buckets": state["evaluation"]["buckets"],
-              "step": state["step"], "history": state["history"], "key": config.key(),
-              "config": config.record()}
+    record = {"accuracy": evaluation["accuracy"], "buckets": evaluation["buckets"], "step": step,
+              "history": history, "key": config.key(), "config": config.record()}
     (folder / "warm_start.json").write_text(json.dumps(record, indent=2))
 
 

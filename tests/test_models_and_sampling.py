@@ -193,3 +193,30 @@ def test_sft_micro_batches_give_the_whole_batch_loss_and_gradient(tiny_model_dir
     assert whole_loss == pytest.approx(micro_loss, rel=1e-6)
     assert any(g.abs().sum() > 0 for g in whole_grads)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(whole_grads, micro_grads))
+
+
+def test_the_warm_start_keeps_the_last_model_inside_the_window_and_stops_at_the_target(tiny_model_dir):
+    """Scripted evaluations 5%, 30%, 45%, 60% (the window 10-50%, the target 55%): training stops at the fourth,
+    and the model kept is the third's (its weights, not the last step's); never inside the window is an error."""
+    from common.sft import IGNORE_INDEX, sft_into_accuracy_window
+
+    examples = [{"input_ids": [11, 12, 13, 14, 15], "labels": [IGNORE_INDEX, 12, 13, 14, 15]}]
+    model, _ = load_policy(str(tiny_model_dir), "float32", False)
+    scripted, snapshots = iter([0.05, 0.30, 0.45, 0.60, 0.70]), []
+
+    def evaluate():
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"accuracy": next(scripted)}
+
+    threads = torch.get_num_threads()
+    step, evaluation, history = sft_into_accuracy_window(
+        model, examples, evaluate, (0.10, 0.50), 0.55, eval_every=2, max_steps=20, batch_size=1, lr=1e-2, seed=0)
+    assert (step, evaluation) == (6, {"accuracy": 0.45})
+    assert [h["step"] for h in history] == [2, 4, 6, 8] and torch.get_num_threads() == threads
+    assert all(torch.equal(v, snapshots[2][k]) for k, v in model.state_dict().items())
+    assert not all(torch.equal(v, snapshots[3][k]) for k, v in model.state_dict().items())
+
+    scripted = iter([0.05, 0.60])
+    with pytest.raises(RuntimeError, match=r"never reached held-out accuracy in \[10%, 50%\] within 20 steps"):
+        sft_into_accuracy_window(model, examples, lambda: {"accuracy": next(scripted)}, (0.10, 0.50), 0.55,
+                                 eval_every=2, max_steps=20, batch_size=1, lr=1e-2, seed=0)

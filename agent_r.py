@@ -141,6 +141,9 @@ class Args:
     revision: bool = True
     """train on revision trajectories (Agent-R); --no-revision trains on good trajectories only, the
     paper's "optimal trajectories" baseline (Fig. 3)."""
+    good_trajectories: bool = True
+    """train on good trajectories too (Agent-R and its baseline both do); --no-good-trajectories trains on
+    revision trajectories only, a diagnostic that is not in the paper (what the revision data alone teaches)."""
     transition: Literal["model", "end"] = "model"
     """t': the first step the model, as verifier, judges Bad (Agent-R's model-guided critique), or the end
     of the bad trajectory (the Direct-Revision baseline, Table 2)."""
@@ -229,6 +232,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
     if args.scale == "paper" and args.recipes == "synthetic":
         raise ValueError("--scale paper runs on the real TextCraft recipes: pass --recipes with their folder "
                          "(AgentGym's agentenv_textcraft/recipes)")
+    if not (args.revision or args.good_trajectories):
+        raise ValueError("--no-revision with --no-good-trajectories leaves Phase II nothing to train on; drop one")
     if not 1 <= args.revision_thoughts <= len(REVISION_THOUGHTS):
         raise ValueError(f"--revision-thoughts {args.revision_thoughts}: the paper has {len(REVISION_THOUGHTS)} "
                          f"revision thoughts; pick 1 to {len(REVISION_THOUGHTS)}")
@@ -689,10 +694,89 @@ def splice_pair(start: Sequence[dict], good: Sequence[Node], bad: Sequence[Node]
     t_prime = first_bad_step([v.judgment for v in walked]) if walked else len(bad) - 1
     messages = revision_trajectory(start, [(n.response, n.observation) for n in bad[: t_prime + 1]],
                                    [(n.response, n.observation) for n in good], thought)
+    shared = next((k for k, (g, b) in enumerate(zip(good, bad)) if g.response != b.response), min(len(good), len(bad)))
+    first_error = next((k + 1 for k, n in enumerate(bad) if TextCraft.is_error(n.observation)), None)
     return {"messages": messages, "first_bad_step": t_prime + 1, "bad_length": len(bad),
-            "detected": any(v.judgment == "bad" for v in walked),
+            "detected": any(v.judgment == "bad" for v in walked), "shared_steps": shared,
+            "first_error_step": first_error,
             "verifier": [{"action": n.action, "observation": n.observation, "answer": v.answer, "judgment": v.judgment}
                          for n, v in zip(bad, walked)]}
+
+
+TRANSITION_PLACEMENTS = ("shared", "before_error", "at_error", "after_error", "no_error")
+
+
+def transition_placement(first_bad_step: int, shared_steps: int, first_error_step: int | None) -> str:
+    """Where t' falls on its bad path (steps counted from 1, as `first_bad_step`): "shared" when it is a step
+    the good path also took (t' <= `shared_steps`), a step that led to success, so the revision turn is
+    trained after a step that was fine; otherwise relative to the bad path's first error observation ("Could
+    not ..."): "before_error", "at_error", "after_error", or "no_error" when the bad path met none (it failed
+    by running out of steps without a refusal)."""
+    if first_bad_step <= shared_steps:
+        return "shared"
+    if first_error_step is None:
+        return "no_error"
+    if first_bad_step < first_error_step:
+        return "before_error"
+    return "at_error" if first_bad_step == first_error_step else "after_error"
+
+
+def transition_counts(revision_records: Sequence[dict]) -> list[int]:
+    """How many revision trajectories have their t' at each of `TRANSITION_PLACEMENTS`."""
+    placements = [transition_placement(r["first_bad_step"], r["shared_steps"], r["first_error_step"])
+                  for r in revision_records]
+    return [placements.count(p) for p in TRANSITION_PLACEMENTS]
+
+
+TOKEN_KINDS = ("revision_turn", "after_revision", "good", "general")
+
+
+def trained_token_counts(tokenizer, agent_conversations: Sequence[list[dict]],
+                         general_conversations: Sequence[list[dict]]) -> dict[str, int]:
+    """Phase II's trained tokens by kind: the revision turns ("revision_turn"), the good continuations that
+    follow them in revision trajectories ("after_revision"), the agent turns of good trajectories ("good"), and
+    the general chats' assistant turns ("general"). Counted as the SFT labels them (end-of-turn tokens included)."""
+    from common.sft import IGNORE_INDEX, tokenize_chat
+
+    counts = dict.fromkeys(TOKEN_KINDS, 0)
+    for general, conversations in ((False, agent_conversations), (True, general_conversations)):
+        for messages in conversations:
+            plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+            tokens = tokenize_chat(tokenizer, plain, loss_mask(messages))
+            revised = False
+            for message, trained, (start, end) in zip(messages, loss_mask(messages), tokens.message_spans):
+                if not trained:
+                    continue
+                is_revision = not general and action_text(message["content"]) == REVISION_ACTION
+                kind = ("general" if general else "revision_turn" if is_revision
+                        else "after_revision" if revised else "good")
+                revised = revised or is_revision
+                counts[kind] += sum(1 for (a, b), label in zip(tokens.offsets, tokens.labels)
+                                    if label != IGNORE_INDEX and start <= a and b <= end and b > a)
+    return counts
+
+
+AFTER_REVISION = ("revision", "error", "repeat", "progress", "end")
+
+
+def after_revision(turns: Sequence[tuple[str, str]], first: int = 0) -> list[str]:
+    """What the agent does in the turn after each of its revision turns (`Action: wait`) from turn `first` on
+    (the turns before it are a forced prefix): "revision" (it revises again), "error" (its next action is
+    refused), "repeat" (it retries the action it took just before revising), "progress" (another accepted
+    action), or "end" (the episode ends on the revision turn)."""
+    kinds = []
+    for k in range(first, len(turns)):
+        if action_text(turns[k][0]) != REVISION_ACTION:
+            continue
+        if k + 1 == len(turns):
+            kinds.append("end")
+            continue
+        response, observation = turns[k + 1]
+        before = next((action_text(r) for r, _ in reversed(turns[:k]) if action_text(r) != REVISION_ACTION), None)
+        kinds.append("revision" if action_text(response) == REVISION_ACTION else
+                     "error" if TextCraft.is_error(observation) else
+                     "repeat" if action_text(response) == before else "progress")
+    return kinds
 
 
 def revision_logprob(model, tokenizer, conversations: Sequence[list[dict]], thoughts: Sequence[str],
@@ -759,8 +843,10 @@ def evaluate(agent: Agent, make_env, tasks: Sequence[int], max_steps: int, tempe
         sum(repeated_actions(e.turns) for e in episodes), sum(repeated_actions(e.turns) >= 2 for e in episodes),
         sum(e.reward for e in recoveries),
         sum(any(action_text(r) == REVISION_ACTION for r, _ in e.turns[e.forced:]) for e in recoveries),
-        sum(revision), len(revision)])
-    n, success, steps, repeats, loops, recovered, revised, revision_sum, revision_count = totals
+        sum(revision), len(revision),
+        *[sum(after_revision(e.turns, e.forced).count(kind) for e in episodes + recoveries) for kind in AFTER_REVISION]])
+    n, success, steps, repeats, loops, recovered, revised, revision_sum, revision_count = totals[:9]
+    followed = dict(zip(AFTER_REVISION, totals[9:]))
     metrics = {
         "eval/success_rate": success / n,
         "eval/steps_mean": steps / n,
@@ -769,7 +855,8 @@ def evaluate(agent: Agent, make_env, tasks: Sequence[int], max_steps: int, tempe
         "eval/recovery_rate": recovered / n,
         "eval/recovery_revision_turns": revised / n,
         "eval/revision_logprob": revision_sum / revision_count if revision_count else float("nan"),
-    }
+        "eval/revision_turns": sum(followed.values()) / (2 * n),
+    } | {f"eval/after_revision_{kind}": count / max(1, sum(followed.values())) for kind, count in followed.items()}
     samples = [{"kind": kind, "task": e.task, "goal": e.start[2]["content"].rsplit("\n", 1)[-1], "reward": e.reward,
                 "forced": e.forced, "turns": [f"{r} -> {o}" for r, o in e.turns]}
                for kind, group in (("episode", episodes), ("recovery", recoveries)) for e in group[:1]]
@@ -910,7 +997,7 @@ def train(args: Args) -> Path:
                  project="agent_r", config=args)
     plotted = ["eval/success_rate", "eval_seen/success_rate", "eval/recovery_rate", "eval_seen/recovery_rate", "data/first_bad_step", "eval/repeated_actions",
                "eval/loop_share", "eval/recovery_revision_turns", "eval/revision_logprob", "search/success_share",
-               "data/detected_share", "data/revision_trajectories", "data/good_trajectories", "sft/loss_last",
+               "data/detected_share", "data/transition_shared", "data/tokens_revision_turn", "data/revision_trajectories", "data/good_trajectories", "sft/loss_last",
                "time/iteration_s"]
     title = f"Agent-R ({'revision' if args.revision else 'good only'}, t' = {args.transition}, {args.scale} scale)"
 
@@ -960,12 +1047,13 @@ def train(args: Args) -> Path:
                 data_path.write_text(json.dumps(data))
 
         # ---- Phase II: SFT on revision + good trajectories (+ general chats at η), bad prefixes masked (§3.3) ----
-        agent_data = (data["revision"] if args.revision else []) + data["good"]
+        agent_data = (data["revision"] if args.revision else []) + (data["good"] if args.good_trajectories else [])
         if not agent_data:
             raise RuntimeError(f"iteration {iteration}: the search found no successful trajectory on {len(tasks)} "
                                f"tasks, so there is nothing to train on; raise --mcts-iterations or --num-generate")
         mixed = phase_two_data([r["messages"] for r in agent_data], general, args.eta, seed)
         examples = [training_example(tokenizer, m) for m in mixed]
+        tokens = trained_token_counts(tokenizer, mixed[: len(agent_data)], mixed[len(agent_data):])
         steps = max(1, math.ceil(args.epochs * len(examples) / args.batch_size))
         try:
             losses = sft_train(model, examples, steps, args.batch_size, args.lr,
@@ -994,6 +1082,9 @@ def train(args: Args) -> Path:
             "data/detected_share": sum(r["detected"] for r in revision) / max(1, len(revision)),
             "data/verifier_unlabelled": (sum(v["judgment"] is None for r in revision for v in r["verifier"])
                                          / max(1, sum(len(r["verifier"]) for r in revision))),
+            **{f"data/transition_{placement}": count / max(1, len(revision))
+               for placement, count in zip(TRANSITION_PLACEMENTS, transition_counts(revision))},
+            **{f"data/tokens_{kind}": count / max(1, sum(tokens.values())) for kind, count in tokens.items()},
             "sft/steps": steps,
             "sft/loss_first": losses[0],
             "sft/loss_last": losses[-1],

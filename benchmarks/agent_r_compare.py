@@ -1,13 +1,13 @@
 """Agent-R against its baselines at CPU scale, iteration by iteration (Agent-R Fig. 3, Tables 2 and 3).
 
-    python benchmarks/agent_r_compare.py                               # 3 rows x 1 seed, the CPU default
+    python benchmarks/agent_r_compare.py                               # 4 rows x 1 seed, the CPU default
     python benchmarks/agent_r_compare.py --rows agent-r good-only --seeds 2
 
 Each row is one `agent_r.py` command line (printed in the table). Every row starts from the same warm-started
 tiny agent and searches the same tasks with the same budget in its first iteration; the rows differ only in
 what Phase II trains on: revision + good trajectories (Agent-R), good trajectories only (the paper's
 "optimal" baseline), or revision trajectories whose revision comes at the end of the bad trajectory
-(Direct-Revision). The table gives the held-out success rate and the revision test's recovery rate after
+(Direct-Revision), or revision trajectories alone (a diagnostic). The table gives the held-out success rate and the revision test's recovery rate after
 each iteration (mean over seeds), with the paper's TextCraft numbers beside them; writes `results.md`,
 `results.json` and `curves.png` into --out-dir.
 """
@@ -32,6 +32,7 @@ ROWS = {
     "agent-r": ([], "success 78.00 (Table 2, iter 3); revision test 43.24 (Table 3, iter 3)"),
     "good-only": (["--no-revision"], "revision test 0.00 for optimal-trajectory training (Table 3)"),
     "direct-revision": (["--transition", "end"], "success 66.00 (Table 2)"),
+    "revision-only": (["--no-good-trajectories"], "not in the paper (a diagnostic: the revision data alone)"),
 }
 METRICS = ("eval/success_rate", "eval/recovery_rate", "eval/repeated_actions", "data/first_bad_step")
 

@@ -702,6 +702,10 @@ def test_one_iteration_end_to_end_and_resume(tiny_model_dir, tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1]
     assert rows[1]["data/revision_trajectories"] > 0 and rows[1]["data/good_trajectories"] > 0
+    shares = {kind: rows[1][f"data/tokens_{kind}"] for kind in agent_r.TOKEN_KINDS}
+    assert sum(shares.values()) == pytest.approx(1) and all(shares.values())  # every kind is trained
+    assert sum(rows[1][f"data/transition_{p}"] for p in agent_r.TRANSITION_PLACEMENTS) == pytest.approx(1)
+    assert all(f"eval/after_revision_{kind}" in rows[1] for kind in agent_r.AFTER_REVISION)
     assert (run_dir / "curves.png").is_file() and (run_dir / "checkpoint-000001" / "policy").is_dir()
     trees = sorted((run_dir / "iteration-1" / "trees").glob("*.json"))
     assert len(trees) == 2
@@ -735,3 +739,71 @@ def test_the_shipped_agent_serves_any_subset_of_its_held_out_tasks(monkeypatch):
     trained_on = next(task for task in agent_r.training_pool(cpu.train_pool, 10_000, cpu.eval_tasks, cpu.eval_seen_tasks))
     other = agent_r.parse_args(["--eval-seen-tasks", *map(str, cpu.eval_seen_tasks), str(trained_on)])
     assert str(agent_r.resolve_model(other)) != shipped and built[0].held_out_seeds[-1] == trained_on
+
+
+def test_where_t_prime_falls_on_its_bad_path():
+    """t' (1-based) against the steps the bad path shares with the good one and its first error observation."""
+    place = agent_r.transition_placement
+    assert place(1, 1, 2) == "shared"  # the good path took that step too, then succeeded
+    assert place(2, 1, 3) == "before_error" and place(3, 1, 3) == "at_error" and place(4, 1, 3) == "after_error"
+    assert place(2, 1, None) == "no_error" and place(2, 2, None) == "shared"
+    records = [{"first_bad_step": t, "shared_steps": 1, "first_error_step": e} for t, e in ((1, 2), (2, 2), (2, 2), (3, None))]
+    assert agent_r.transition_counts(records) == [1, 0, 2, 0, 1]
+    # the scripted pair: one shared step, then "get 1 b" is refused (step 2)
+    _, good, bad = scripted_tree()
+    record = splice_pair(START, good, bad, [StepVerdict("", "good"), StepVerdict("", "bad")], agent_r.REVISION_THOUGHTS[0])
+    assert (record["shared_steps"], record["first_error_step"], record["first_bad_step"]) == (1, 2, 2)
+    record = splice_pair(START, good, bad, [StepVerdict("", "bad")], agent_r.REVISION_THOUGHTS[0])
+    assert place(record["first_bad_step"], record["shared_steps"], record["first_error_step"]) == "shared"
+
+
+def test_trained_tokens_by_kind_match_one_kind_trained_at_a_time(tiny_model_dir):
+    """The counts against a slow reference: each kind's messages alone trained, the SFT labels counted."""
+    from common.models import load_tokenizer
+    from common.sft import IGNORE_INDEX, tokenize_chat
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    _, good, bad = scripted_tree()
+    revision = splice_pair(START, good, bad, [StepVerdict("", "good"), StepVerdict("", "bad")],
+                           agent_r.REVISION_THOUGHTS[2])["messages"]
+    good_only = agent_r.good_trajectory(START, [(n.response, n.observation) for n in good])
+    general = [[{"role": "user", "content": "Hi", "loss": False}, {"role": "assistant", "content": "Hello there.", "loss": True}]]
+    counts = agent_r.trained_token_counts(tokenizer, [revision, good_only], general)
+
+    def labelled(messages, which):
+        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+        flags = [trained and k in which for k, trained in enumerate(loss_mask(messages))]
+        return sum(label != IGNORE_INDEX for label in tokenize_chat(tokenizer, plain, flags).labels)
+
+    revision_at = next(k for k, m in enumerate(revision) if m.get("loss") and "Action: wait" in m["content"])
+    after = [k for k in range(revision_at + 1, len(revision)) if revision[k].get("loss")]
+    assert counts == {"revision_turn": labelled(revision, {revision_at}), "after_revision": labelled(revision, set(after)),
+                      "good": labelled(good_only, set(range(len(good_only)))), "general": labelled(general[0], {1})}
+    assert all(counts.values())
+    assert sum(counts.values()) == sum(labelled(m, set(range(len(m)))) for m in [revision, good_only, *general])
+
+
+def test_what_follows_a_revision_turn():
+    wait = react_turn("I made an error.", "wait")
+    turns = [("Action: get 1 b", "Could not find b"), (wait, "ok."), ("Action: get 1 b", "Could not find b"),
+             (wait, "ok."), (wait, "ok."), ("Action: get 1 c", "Got 1 c"), (wait, "ok.")]
+    assert agent_r.after_revision(turns) == ["error", "revision", "progress", "end"]
+    turns = [("Action: get 1 c", "Got 1 c"), (wait, "ok."), ("Action: get 1 c", "Got 1 c")]
+    assert agent_r.after_revision(turns) == ["repeat"] and agent_r.after_revision(turns, first=2) == []
+
+
+def test_revision_only_training_trains_no_good_trajectory(tiny_model_dir, tmp_path):
+    """--no-good-trajectories: Phase II trains on the revision trajectories alone (none of the tokens are a good
+    trajectory's); both flags off is refused."""
+    with pytest.raises(ValueError, match="nothing to train on"):
+        agent_r.parse_args(["--no-revision", "--no-good-trajectories"])
+    run_dir = tmp_path / "run"
+    argv = ["--model", str(tiny_model_dir), "--run-dir", str(run_dir), "--iterations", "1", "--train-tasks", "2",
+            "--train-pool", "60", "--eval-tasks", "0", "--mcts-iterations", "2", "--num-generate", "2",
+            "--max-depth", "2", "--max-new-tokens", "12", "--verifier-max-new-tokens", "8", "--alpha", "-1",
+            "--beta", "-0.5", "--pairs-per-task", "3", "--epochs", "1", "--batch-size", "4", "--lr", "1e-3",
+            "--eval-max-steps", "2", "--general-data", "None", "--no-good-trajectories"]
+    agent_r.train(agent_r.parse_args(argv))
+    row = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1]
+    assert row["data/good_trajectories"] > 0 and row["data/tokens_good"] == 0.0
+    assert row["data/tokens_revision_turn"] > 0 and row["data/tokens_revision_turn"] + row["data/tokens_after_revision"] == pytest.approx(1)

@@ -358,6 +358,35 @@ def leave_one_out_baseline(rewards: torch.Tensor, prompt_ids: torch.Tensor) -> t
     return (totals[ids] - rewards) / (counts[ids] - 1)
 
 
+# Token positions and response lengths binned for the critic's explained variance: the CPU default's answers fill
+# the first two bins, the long task's all five, the paper's thousands of tokens the last.
+LENGTH_BINS = (0, 32, 128, 256, 512)
+
+
+def bin_names(edges: tuple[int, ...] = LENGTH_BINS) -> list[str]:
+    return [f"{a}-{b - 1}" for a, b in zip(edges, edges[1:])] + [f"{edges[-1]}+"]
+
+
+def position_and_length_bins(mask: torch.Tensor, edges: tuple[int, ...] = LENGTH_BINS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each response token's bin (B, T) by its position in the response (0-based), and by its response's length
+    (every token of a response in one bin), for `edges` as in LENGTH_BINS (the last bin is open)."""
+    boundaries = torch.tensor(edges[1:], device=mask.device)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask).contiguous()
+    lengths = mask.sum(-1, keepdim=True).long().expand_as(mask).contiguous()
+    return torch.bucketize(positions, boundaries, right=True), torch.bucketize(lengths, boundaries, right=True)
+
+
+def binned_explained_variance(predictions: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                              bins: torch.Tensor, num_bins: int) -> list[float]:
+    """`explained_variance` of `predictions` (B, T) for `targets` (B, T) over the response tokens of each bin
+    (`bins` (B, T) of bin indices), over every process's tokens; NaN for a bin without tokens or variance.
+    With the values as predictions and the outcome as target: where in a response, and in which responses, the
+    critic knows how the response will end (issue: does the critic earn its cost over long chains of thought?)."""
+    from common.distributed import explained_variance
+
+    return [explained_variance(predictions, targets, mask * (bins == k), across_ranks=True) for k in range(num_bins)]
+
+
 def token_rewards(response_mask: torch.Tensor, correct: torch.Tensor, reward_correct: float,
                   reward_wrong: float) -> torch.Tensor:
     """The verifier's verdict as a reward on each response's last token and 0 on every other (B, T)
@@ -789,6 +818,18 @@ def train(args: Args) -> Path:
             group_baseline = leave_one_out_baseline(final_reward, prompt_ids).unsqueeze(-1) * mask
             metrics["value/group_baseline_explained_variance"] = explained_variance(group_baseline, returns, mask,
                                                                                     across_ranks=True)
+        # by position in the response and by response length, against the outcome (the Monte-Carlo return), so
+        # that runs with different λs compare
+        outcome = gae(rewards, torch.zeros_like(old_values), mask, args.gamma, 1.0)
+        predictors = {"value/explained_variance": old_values}
+        if args.samples_per_prompt > 1:
+            predictors["value/group_baseline_explained_variance"] = group_baseline
+        for kind, bins in zip(("pos", "len"), position_and_length_bins(mask)):
+            tokens = sum_over_ranks([float((mask * (bins == k)).sum()) for k in range(len(LENGTH_BINS))])
+            for name, predictions in predictors.items():
+                found = binned_explained_variance(predictions, outcome, mask, bins, len(LENGTH_BINS))
+                metrics |= {f"{name}_{kind}_{bin_name}": ev  # NaN, as the overall one, when its outcomes are all equal
+                            for bin_name, ev, n in zip(bin_names(), found, tokens) if n}
         if not value_pretraining:
             metrics |= {
                 "policy/pg_loss": total["pg_loss"] / updates,

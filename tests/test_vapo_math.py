@@ -424,3 +424,43 @@ def test_the_update_on_a_fixed_rollout_has_the_minibatch_losses_whatever_its_mic
     assert sums["nll_loss"] == pytest.approx(float(-(old_logprobs * positive).sum() / positive.sum()), abs=1e-5)
     assert sums["value_loss"] == pytest.approx(float(0.5 * ((old_values - returns) ** 2 * mask).sum() / n), abs=1e-5)
     assert sums["clip_high"] == sums["clip_low"] == 0
+
+
+def test_tokens_are_binned_by_position_and_by_their_responses_length():
+    import vapo
+
+    mask = torch.zeros(2, 40)
+    mask[0, :3], mask[1, :35] = 1, 1  # a 3-token and a 35-token response
+    positions, lengths = vapo.position_and_length_bins(mask, edges=(0, 2, 32))
+    assert vapo.bin_names((0, 2, 32)) == ["0-1", "2-31", "32+"]
+    assert positions[0, :3].tolist() == [0, 0, 1] and positions[1, [1, 2, 31, 32, 34]].tolist() == [0, 1, 1, 2, 2]
+    assert lengths[0, :3].tolist() == [1, 1, 1] and set(lengths[1, :35].tolist()) == {2}
+
+
+def test_binned_explained_variance_by_hand_and_against_a_loop():
+    """Each bin's value is 1 - Var(R - V) / Var(R) over that bin's response tokens alone."""
+    import vapo
+
+    values = torch.tensor([[0.5, 0.5, 9.0], [0.0, 1.0, 9.0]])
+    outcome = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    bins = torch.tensor([[0, 1, 1], [0, 1, 1]])
+    # bin 0: R (1, 0), V (0.5, 0): R - V (0.5, 0), Var 0.0625 against 0.25; bin 1: R (1, 1) has no variance
+    ev = vapo.binned_explained_variance(values, outcome, mask, bins, 3)
+    assert ev[0] == pytest.approx(0.75) and math.isnan(ev[1]) and math.isnan(ev[2])
+
+    generator = torch.Generator().manual_seed(0)
+    values, outcome = torch.rand(6, 50, generator=generator), torch.tensor([[0.0], [1], [1], [0], [1], [0]]).expand(6, 50)
+    mask = (torch.arange(50) < torch.tensor([[5], [12], [30], [44], [50], [20]])).float()
+    positions, lengths = vapo.position_and_length_bins(mask, edges=(0, 8, 24))
+    for bins in (positions, lengths):
+        found = vapo.binned_explained_variance(values, outcome, mask, bins, 3)
+        for k in range(3):
+            tokens = [(float(values[i, t]), float(outcome[i, t])) for i in range(6) for t in range(50)
+                      if mask[i, t] and bins[i, t] == k]
+            r = [target for _, target in tokens]
+            if statistics.pvariance(r) == 0:  # the length bin of one response: one outcome
+                assert math.isnan(found[k])
+                continue
+            expected = 1 - statistics.pvariance([target - v for v, target in tokens]) / statistics.pvariance(r)
+            assert found[k] == pytest.approx(expected, rel=1e-9)

@@ -37,6 +37,8 @@ def test_short_run_trains_both_models_and_writes_metrics_plot_checkpoints(tiny_m
         assert key in rows[2]
     for key in ("policy/clipfrac_high", "policy/clipfrac_low", "policy/approx_kl", "policy/entropy"):
         assert key in rows[2] and key not in rows[1]
+    binned = [key for key in rows[2] if key.startswith(("value/explained_variance_", "value/group_baseline_explained_variance_"))]
+    assert {key.rsplit("_", 2)[-2] for key in binned} == {"pos", "len"} and "value/explained_variance_pos_0-31" in binned
     assert (run_dir / "curves.png").stat().st_size > 10_000
     assert (run_dir / "samples.jsonl").read_text()
     final = run_dir / "checkpoint-000003"

@@ -1,5 +1,6 @@
 """The tiny model and tokenizer round-trip through disk; sampling returns masks and log-probs as data."""
 
+import contextlib
 import json
 
 import pytest
@@ -220,3 +221,31 @@ def test_the_warm_start_keeps_the_last_model_inside_the_window_and_stops_at_the_
     with pytest.raises(RuntimeError, match=r"never reached held-out accuracy in \[10%, 50%\] within 20 steps"):
         sft_into_accuracy_window(model, examples, lambda: {"accuracy": next(scripted)}, (0.10, 0.50), 0.55,
                                  eval_every=2, max_steps=20, batch_size=1, lr=1e-2, seed=0)
+
+
+def test_decoding_with_grouped_query_sdpa_on_cpu_is_transformers_sdpa(tiny_model_dir, monkeypatch):
+    """The sampler's CPU attention (grouped key/value heads passed to torch's SDPA as they are) gives the logits
+    of transformers' SDPA, which repeats the heads, on a left-padded batch; so the same samples and log-probs; and
+    the model is given back its SDPA for training."""
+    import common.sampling as sampling
+
+    model, tokenizer = load_policy(str(tiny_model_dir))
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    prompts = ["hello", "Compute 12+7-3. Show every step and the answer."]
+    input_ids = torch.tensor([[0] * 9 + [11, 12, 13], list(range(20, 32))])
+    attention_mask = (torch.arange(12) >= torch.tensor([[9], [0]])).long()
+    for mask in (attention_mask, torch.ones_like(attention_mask)):  # with padding, and without (a causal mask only)
+        logits = {}
+        for implementation in ("sdpa", sampling.CPU_GQA_SDPA):
+            model.set_attn_implementation(implementation)
+            logits[implementation] = model(input_ids=input_ids, attention_mask=mask).logits
+        model.set_attn_implementation("sdpa")
+        assert torch.allclose(logits["sdpa"], logits[sampling.CPU_GQA_SDPA], atol=1e-6)
+
+    sampler = HFSampler(model, tokenizer)
+    fast = sampler.generate(prompts, n=3, max_new_tokens=12, seed=5)
+    assert model.config._attn_implementation == "sdpa"
+    monkeypatch.setattr(sampling, "grouped_query_decoding", lambda model: contextlib.nullcontext())
+    plain = sampler.generate(prompts, n=3, max_new_tokens=12, seed=5)
+    assert [s.response_ids for s in fast] == [s.response_ids for s in plain]
+    assert all(a.logprobs == pytest.approx(b.logprobs, abs=1e-5) for a, b in zip(fast, plain))

@@ -779,6 +779,15 @@ def after_revision(turns: Sequence[tuple[str, str]], first: int = 0) -> list[str
     return kinds
 
 
+def revision_thought_leaks(turns: Sequence[tuple[str, str]], thoughts: Sequence[str] = REVISION_THOUGHTS) -> tuple[int, int]:
+    """(ordinary turns whose thought holds a sentence of a revision thought, ordinary turns): a revision turn's words
+    carried into turns that act (e.g. "Thought: I need to revise it.\nAction: get 2 bone"), where the agent has
+    learnt the revision thought as a thought of any turn rather than as the signal of a revision turn."""
+    sentences = {sentence.strip() + "." for thought in thoughts for sentence in thought.split(".") if sentence.strip()}
+    ordinary = [response for response, _ in turns if action_text(response) != REVISION_ACTION]
+    return sum(any(sentence in response.split("Action:")[0] for sentence in sentences) for response in ordinary), len(ordinary)
+
+
 def revision_logprob(model, tokenizer, conversations: Sequence[list[dict]], thoughts: Sequence[str],
                      batch_size: int = 16) -> list[float]:
     """log P(the next agent turn is a revision turn | conversation), for each conversation: the log of the
@@ -844,9 +853,12 @@ def evaluate(agent: Agent, make_env, tasks: Sequence[int], max_steps: int, tempe
         sum(e.reward for e in recoveries),
         sum(any(action_text(r) == REVISION_ACTION for r, _ in e.turns[e.forced:]) for e in recoveries),
         sum(revision), len(revision),
-        *[sum(after_revision(e.turns, e.forced).count(kind) for e in episodes + recoveries) for kind in AFTER_REVISION]])
+        *[sum(after_revision(e.turns, e.forced).count(kind) for e in episodes + recoveries) for kind in AFTER_REVISION],
+        *[sum(counts) for counts in zip(*[revision_thought_leaks(e.turns[e.forced:], thoughts)
+                                          for e in episodes + recoveries])]])
     n, success, steps, repeats, loops, recovered, revised, revision_sum, revision_count = totals[:9]
-    followed = dict(zip(AFTER_REVISION, totals[9:]))
+    followed = dict(zip(AFTER_REVISION, totals[9:14]))
+    leaked, ordinary = totals[14:]
     metrics = {
         "eval/success_rate": success / n,
         "eval/steps_mean": steps / n,
@@ -856,6 +868,7 @@ def evaluate(agent: Agent, make_env, tasks: Sequence[int], max_steps: int, tempe
         "eval/recovery_revision_turns": revised / n,
         "eval/revision_logprob": revision_sum / revision_count if revision_count else float("nan"),
         "eval/revision_turns": sum(followed.values()) / (2 * n),
+        "eval/revision_thought_leaks": leaked / max(1, ordinary),
     } | {f"eval/after_revision_{kind}": count / max(1, sum(followed.values())) for kind, count in followed.items()}
     samples = [{"kind": kind, "task": e.task, "goal": e.start[2]["content"].rsplit("\n", 1)[-1], "reward": e.reward,
                 "forced": e.forced, "turns": [f"{r} -> {o}" for r, o in e.turns]}

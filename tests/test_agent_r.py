@@ -807,3 +807,14 @@ def test_revision_only_training_trains_no_good_trajectory(tiny_model_dir, tmp_pa
     row = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1]
     assert row["data/good_trajectories"] > 0 and row["data/tokens_good"] == 0.0
     assert row["data/tokens_revision_turn"] > 0 and row["data/tokens_revision_turn"] + row["data/tokens_after_revision"] == pytest.approx(1)
+
+
+def test_a_revision_thought_in_a_turn_that_acts_is_a_leak():
+    turns = [(react_turn("I need to revise it.", "get 2 bone"), "Got 2 bone"),  # a sentence of the first thought
+             (react_turn("I realize my approach was flawed. I need to revise it.", "wait"), "ok."),  # a revision turn
+             (react_turn("bone meal needs bone.", "get 1 bone"), "Got 1 bone"),
+             (react_turn("I made an error.", "craft 1 bone meal using 1 bone"), "Crafted 1 minecraft:bone_meal")]
+    assert agent_r.revision_thought_leaks(turns) == (2, 3)  # the first and the last; the revision turn is not counted
+    assert agent_r.revision_thought_leaks(turns, agent_r.REVISION_THOUGHTS[9:]) == (1, 3)  # "I made an error. ..."
+    assert agent_r.revision_thought_leaks(turns, agent_r.REVISION_THOUGHTS[:1]) == (1, 3)
+    assert agent_r.revision_thought_leaks(turns[2:3]) == (0, 1)

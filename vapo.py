@@ -54,8 +54,9 @@ class Args:
     """policy: a hub id, a local directory, or "tiny-arithmetic" (the warm-started tiny CPU model shipped in
     models/tiny-arithmetic). VAPO §5.1: Qwen2.5-32B base."""
     value_model: str | None = None
-    """critic initialisation: a reward model or any checkpoint (hub id or directory); default: the policy's
-    weights with a fresh value head. VAPO §5.1 initialises the critic from a reward model."""
+    """critic initialisation: a reward model or any checkpoint (hub id or directory; "tiny-chains-orm": the long
+    task's shipped outcome reward model); default: the policy's weights with a fresh value head. VAPO §5.1
+    initialises the critic from a reward model."""
     data: str = "BytedTsinghua-SIA/DAPO-Math-17k"
     """training prompts: a hub id or a local .parquet/.jsonl in the DAPO-Math-17k schema, or
     "synthetic-arithmetic". VAPO trains "under identical settings" to DAPO, i.e. on DAPO-Math-17k."""
@@ -519,10 +520,10 @@ def load_prompts(source: str, split: str) -> list[dict]:
 
 def resolve_model(name: str) -> str:
     """A hub id or a directory as given; "tiny-arithmetic" and "tiny-chains" are the warm-started tiny models
-    shipped in models/."""
+    shipped in models/, "tiny-chains-orm" the long task's outcome reward model (for --value-model)."""
     from common.cache import shipped_model
 
-    return shipped_model(name) if name in ("tiny-arithmetic", "tiny-chains") else name
+    return shipped_model(name) if name in ("tiny-arithmetic", "tiny-chains", "tiny-chains-orm") else name
 
 
 def length_bucket_accuracy(num_steps: list[int], correct: list[bool]) -> dict[str, float]:
@@ -649,7 +650,8 @@ def prepared_models(args: Args, model_path: str, accelerator):
     from common.models import load_policy, load_value_model
 
     policy, tokenizer = load_policy(model_path, args.dtype, args.gradient_checkpointing)
-    critic = load_value_model(args.value_model or model_path, args.dtype, args.gradient_checkpointing)
+    critic = load_value_model(resolve_model(args.value_model) if args.value_model else model_path, args.dtype,
+                              args.gradient_checkpointing)
     warmup = lambda rollouts: min(1.0, (rollouts + 1) / max(1, args.lr_warmup_steps))  # noqa: E731
     prepared = []
     for model, lr in ((policy, args.actor_lr), (critic, args.critic_lr)):

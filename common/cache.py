@@ -26,6 +26,7 @@ REBUILD_COMMANDS = {
     "tiny-tool-use": "python -m tasks.tiny_tool_use --rebuild",
     "tiny-textcraft": "python -m tasks.tiny_textcraft --rebuild",
     "tiny-chains": "python -m tasks.chains --rebuild",
+    "tiny-chains-orm": "python -m tasks.tiny_chains_orm --rebuild",
 }
 
 

@@ -14,7 +14,7 @@ from common.cache import REBUILD_COMMANDS, build_once, rebuild_shipped, shipped_
 
 RECORDS = {"tiny-arithmetic": "warm_start.json", "tiny-arithmetic-quick": "warm_start.json",
            "tiny-tool-use": "tiny_base.json", "tiny-textcraft": "warm_start.json",
-           "tiny-chains": "warm_start.json"}
+           "tiny-chains": "warm_start.json", "tiny-chains-orm": "reward_model.json"}
 
 
 def default_keys() -> dict[str, str]:
@@ -22,12 +22,13 @@ def default_keys() -> dict[str, str]:
     from tasks import arithmetic
     from tasks.chains import ChainWarmStart
     from tasks.tiny_textcraft import WarmStart
+    from tasks.tiny_chains_orm import OutcomeRewardModel
     from tasks.tiny_tool_use import TinyBase
 
     return {"tiny-arithmetic": arithmetic.SHIPPED["tiny-arithmetic"].key(),
             "tiny-arithmetic-quick": arithmetic.SHIPPED["tiny-arithmetic-quick"].key(),
             "tiny-tool-use": TinyBase().key(), "tiny-textcraft": WarmStart().key(),
-            "tiny-chains": ChainWarmStart().key()}
+            "tiny-chains": ChainWarmStart().key(), "tiny-chains-orm": OutcomeRewardModel().key()}
 
 
 @pytest.mark.parametrize("name", sorted(REBUILD_COMMANDS))
@@ -51,6 +52,7 @@ def test_the_scripts_load_the_shipped_models_by_name():
 
     models = common.cache.MODELS_DIR
     assert vapo.resolve_model("tiny-arithmetic") == str(models / "tiny-arithmetic")
+    assert vapo.resolve_model("tiny-chains-orm") == str(models / "tiny-chains-orm")
     assert evals.resolve_model("tiny-arithmetic") == str(models / "tiny-arithmetic")
     assert tl_training.resolve_model(tl_training.parse_args([])) == str(models / "tiny-tool-use")
     assert agent_r.resolve_model(agent_r.parse_args([])) == str(models / "tiny-textcraft")

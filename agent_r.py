@@ -847,6 +847,7 @@ def evaluate(agent: Agent, make_env, tasks: Sequence[int], max_steps: int, tempe
     recoveries = run_episodes(agent, make_env, tasks, max_steps, temperature, seed, prefixes=prefixes)
     error_states = [state for e in recoveries if (state := first_error_state(e)) is not None]
     revision = revision_logprob(model, tokenizer, error_states, thoughts)
+    leaks = [revision_thought_leaks(e.turns[e.forced:], thoughts) for e in episodes + recoveries]
     totals = sum_over_ranks([
         len(tasks), sum(e.reward for e in episodes), sum(len(e.turns) for e in episodes),
         sum(repeated_actions(e.turns) for e in episodes), sum(repeated_actions(e.turns) >= 2 for e in episodes),
@@ -854,8 +855,7 @@ def evaluate(agent: Agent, make_env, tasks: Sequence[int], max_steps: int, tempe
         sum(any(action_text(r) == REVISION_ACTION for r, _ in e.turns[e.forced:]) for e in recoveries),
         sum(revision), len(revision),
         *[sum(after_revision(e.turns, e.forced).count(kind) for e in episodes + recoveries) for kind in AFTER_REVISION],
-        *[sum(counts) for counts in zip(*[revision_thought_leaks(e.turns[e.forced:], thoughts)
-                                          for e in episodes + recoveries])]])
+        sum(leaked for leaked, _ in leaks), sum(ordinary for _, ordinary in leaks)])
     n, success, steps, repeats, loops, recovered, revised, revision_sum, revision_count = totals[:9]
     followed = dict(zip(AFTER_REVISION, totals[9:14]))
     leaked, ordinary = totals[14:]

@@ -20,11 +20,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tyro
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import agent_r  # noqa: E402
+from common.cli import parse_with_run_flags  # noqa: E402
 from common.tracking import read_metrics  # noqa: E402
 
 # row: (flags, the paper's TextCraft numbers for the same training data, Llama-3.1-8B)
@@ -44,7 +43,8 @@ class Args:
     seeds: int = 1
     """seeds per row."""
     extra: list[str] = field(default_factory=list)
-    """flags passed to every run, e.g. --extra --iterations 2."""
+    """flags passed to every run, e.g. --extra --iterations 2; a flag this script does not know
+    goes there too (just --iterations 2)."""
     out_dir: str = "runs/agent_r_compare"
 
 
@@ -98,4 +98,4 @@ def write_outputs(results: dict, out: Path, seeds: int) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_with_run_flags(Args))

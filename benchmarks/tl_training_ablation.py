@@ -26,11 +26,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tyro
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tl_training  # noqa: E402
+from common.cli import parse_with_run_flags  # noqa: E402
 
 # row: (SFT flags, with IRM, paper's ToolAlpaca TS/PI/CF, paper's RoTBench TS/PI/CF) — arXiv v1 ablation table
 ROWS = {
@@ -55,7 +54,8 @@ class Args:
     """seeds per row (seeds 1, 2, ...): each seed draws its own synthetic data, batch order and PPO samples; every
     run starts from the same shipped base model."""
     extra: list[str] = field(default_factory=list)
-    """flags passed to every run, e.g. --extra --sft-epochs 2."""
+    """flags passed to every run, e.g. --extra --sft-epochs 2; a flag this script does not know
+    goes there too (just --sft-epochs 2)."""
     out_dir: str = "runs/tl_training_ablation"
 
 
@@ -137,4 +137,4 @@ def write_outputs(results: dict, out: Path, seeds: int) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_with_run_flags(Args))

@@ -25,12 +25,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tyro
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import vapo  # noqa: E402
 from common.checkpoint import latest_checkpoint  # noqa: E402
+from common.cli import parse_with_run_flags  # noqa: E402
 from common.tracking import read_metrics  # noqa: E402
 
 # (row name, flags, VAPO Table 1 AIME24 avg@32)
@@ -42,7 +41,7 @@ ROWS = {
     "w/o clip-higher": (["--clip-high", "0.2"], 46),
     "w/o token-level loss": (["--no-token-level-loss"], 53),
     "w/o positive-example LM loss": (["--nll-coef", "0"], 54),
-    "w/o group sampling": (["--prompts-per-step", "512", "--samples-per-prompt", "1"], 55),
+    "w/o group sampling": (None, 55),  # one response for each of as many prompts: `row_flags`
     "vanilla-ppo": (["--preset", "vanilla-ppo"], 5),
 }
 
@@ -54,12 +53,22 @@ class Args:
     seeds: int = 3
     """seeds per row."""
     extra: list[str] = field(default_factory=list)
-    """flags passed to every run, e.g. --extra --total-steps 40."""
+    """flags passed to every run, e.g. --extra --total-steps 40; a flag this script does not know
+    goes there too (just --total-steps 40)."""
     out_dir: str = "runs/vapo_ablation"
     results: str = "benchmarks/results/vapo_ablation.json"
     """finished runs, kept across machines: {"base": ..., "runs": {"<row>/seed<N>": {...}}}."""
     recorded_only: bool = False
     """run nothing: build the table from the runs already in --results (a row shows the seeds it has)."""
+
+
+def row_flags(name: str, extra: list[str]) -> list[str]:
+    """A row's flags; "w/o group sampling" spends the rollout's samples (prompts x samples at the scale --extra
+    sets: 512 at the CPU scale, 256 at cpu-long) as one response for each of as many prompts."""
+    flags, _ = ROWS[name]
+    if flags is None:
+        flags = ["--prompts-per-step", str(vapo.parse_args(extra).rollout_size), "--samples-per-prompt", "1"]
+    return flags
 
 
 def base_fingerprint(extra: list[str]) -> dict:
@@ -102,7 +111,7 @@ def main(args: Args) -> None:
     base = None if args.recorded_only else base_fingerprint(args.extra)
     results = {}
     for name in args.rows:
-        flags, paper = ROWS[name]
+        flags, paper = row_flags(name, args.extra), ROWS[name][1]
         finals, curves = [], []
         for seed in range(1, args.seeds + 1):
             key = f"{name}/seed{seed}"
@@ -168,4 +177,4 @@ def write_outputs(results: dict, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_with_run_flags(Args))
